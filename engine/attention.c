@@ -1,0 +1,77 @@
+/*
+ * attention.c - attention and Shared Attention over the paged cache; see
+ * attention.h.
+ *
+ * Work is split over threads by (token, head) rows, interleaved so that the
+ * long causal rows of a prefill chunk spread evenly.  Within a row, positions
+ * are walked block by block so each block-table lookup covers block_tokens
+ * positions.
+ */
+#include "attention.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "ops.h"
+
+/* Scores for one query row over positions [0, n): s[j] = q . K_j * scale. */
+static void row_scores(const attn_job *j, const kv_seq *s, int g, const float *q, float *out, int n, float scale) {
+    const kv_cache *c = j->kv;
+    int bt = c->block_tokens, hd = j->head_dim;
+    size_t step = (size_t)c->n_head_kv * (size_t)hd; /* elements between positions of one block */
+    for (int p0 = 0; p0 < n; p0 += bt) {
+        int m = n - p0 < bt ? n - p0 : bt;
+        const uint8_t *k = kv_k_at(c, j->layer, s, p0, g);
+        if (c->f16) {
+            const uint16_t *kk = (const uint16_t *)k;
+            for (int i = 0; i < m; i++) out[p0 + i] = ops.dot_f32_f16(q, kk + (size_t)i * step, hd) * scale;
+        } else {
+            const float *kk = (const float *)k;
+            for (int i = 0; i < m; i++) out[p0 + i] = ops.dot_f32(q, kk + (size_t)i * step, hd) * scale;
+        }
+    }
+}
+
+/* out = sum_j p[j] V_j over positions [0, n) of layer j->layer. */
+static void row_weighted_v(const attn_job *j, const kv_seq *s, int g, const float *p, float *out, int n) {
+    const kv_cache *c = j->kv;
+    int bt = c->block_tokens, hd = j->head_dim;
+    size_t step = (size_t)c->n_head_kv * (size_t)hd;
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int p0 = 0; p0 < n; p0 += bt) {
+        int m = n - p0 < bt ? n - p0 : bt;
+        const uint8_t *v = kv_v_at(c, j->layer, s, p0, g);
+        if (c->f16) {
+            const uint16_t *vv = (const uint16_t *)v;
+            for (int i = 0; i < m; i++) ops.axpy_f16(out, p[p0 + i], vv + (size_t)i * step, hd);
+        } else {
+            const float *vv = (const float *)v;
+            for (int i = 0; i < m; i++) ops.axpy_f32(out, p[p0 + i], vv + (size_t)i * step, hd);
+        }
+    }
+}
+
+static void attention_worker(void *arg, int ith, int nth) {
+    attn_job *j = arg;
+    int H = j->n_head, hd = j->head_dim, group = j->n_head / j->n_head_kv;
+    float scale = 1.0f / sqrtf((float)hd);
+    float *scores = j->scores + (size_t)ith * (size_t)j->scores_stride;
+    long total = (long)j->n_rows * H;
+    for (long u = ith; u < total; u += nth) {
+        int r = (int)(u / H), h = (int)(u % H), g = h / group;
+        const kv_seq *s = &j->kv->seqs[j->row_seq[r]];
+        int n = j->row_pos[r] + 1; /* causal: positions 0..pos */
+        float *out = j->out + (size_t)r * (size_t)(H * hd) + (size_t)h * (size_t)hd;
+        float *pr = j->probs ? j->probs + ((size_t)r * (size_t)H + (size_t)h) * (size_t)j->probs_stride : NULL;
+        if (j->shared) {
+            row_weighted_v(j, s, g, pr, out, n);
+            continue;
+        }
+        float *p = j->store_probs ? pr : scores;
+        row_scores(j, s, g, j->q + (size_t)r * (size_t)(H * hd) + (size_t)h * (size_t)hd, p, n, scale);
+        softmax(p, n);
+        row_weighted_v(j, s, g, p, out, n);
+    }
+}
+
+void attention_run(pool *p, attn_job *job) { pool_run(p, attention_worker, job); }

@@ -1,0 +1,57 @@
+/*
+ * ops.h - numeric kernels: type conversion, dot products over quantised rows,
+ * norms, softmax, RoPE.
+ *
+ * Each kernel with a SIMD form has AVX-512, AVX2 and scalar versions;
+ * ops_init() picks one set from cpuid, so one binary runs on any x86-64.
+ * All arithmetic is float32.  The scalar versions are the reference the
+ * tests compare the SIMD ones against.
+ */
+#ifndef SASERVE_OPS_H
+#define SASERVE_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Q8_0: 32 weights sharing one f16 scale (GGUF format definition). */
+#define QK8_0 32
+typedef struct {
+    uint16_t d;
+    int8_t qs[QK8_0];
+} block_q8_0;
+
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_f16(float f); /* round to nearest even */
+float bf16_to_f32(uint16_t h);
+
+typedef struct {
+    /* y[t * ldy + r] = W[r] . x[t * ldx .. + n] for r < rows, t < T; rows of W
+     * are rb bytes apart.  Each element's sum runs over k in the same order
+     * whatever rows and T are, so results do not depend on batch shape. */
+    void (*gemm)(uint32_t type, const void *w, size_t rb, int rows, const float *x, size_t ldx, int T, float *y,
+                 size_t ldy, int n);
+    /* dst[0..n) = row as float32. */
+    void (*dequant_row)(uint32_t type, const void *row, float *dst, int n);
+    float (*dot_f32)(const float *a, const float *b, int n);
+    float (*dot_f32_f16)(const float *a, const uint16_t *b, int n);
+    /* y += a * x */
+    void (*axpy_f32)(float *y, float a, const float *x, int n);
+    void (*axpy_f16)(float *y, float a, const uint16_t *x, int n);
+    void (*f32_to_f16_row)(uint16_t *dst, const float *src, int n);
+} ops_table;
+
+extern ops_table ops;
+
+/* Selects kernels for this CPU; family is "avx512", "avx2", "scalar" or NULL
+ * for the best available.  Returns the family chosen. */
+const char *ops_init(const char *family);
+
+/* True when gemm/dequant_row handle this tensor type. */
+int ops_type_supported(uint32_t type);
+
+void rmsnorm(float *out, const float *x, const float *w, int n, float eps);
+/* In place; returns nothing, max-subtracted, float32 like torch.softmax. */
+void softmax(float *x, int n);
+float silu(float x);
+
+#endif

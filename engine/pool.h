@@ -1,0 +1,21 @@
+/*
+ * pool.h - a persistent thread pool for the forward pass.
+ *
+ * pool_run() runs fn(arg, ith, nth) on every thread (the caller is thread 0)
+ * and returns when all are done.  Workers spin briefly between jobs, because
+ * a forward step issues hundreds of small jobs back to back, then sleep on a
+ * condition variable so an idle server uses no CPU.  Only the thread that
+ * created the pool may call pool_run().
+ */
+#ifndef SASERVE_POOL_H
+#define SASERVE_POOL_H
+
+typedef struct pool pool;
+typedef void (*pool_fn)(void *arg, int ith, int nth);
+
+pool *pool_create(int n_threads);
+void pool_destroy(pool *p);
+int pool_size(const pool *p);
+void pool_run(pool *p, pool_fn fn, void *arg);
+
+#endif
