@@ -161,7 +161,7 @@ AVX2_ATTR static inline __m256 load8_avx2(uint32_t type, const void *row, int k)
         const block_q8_0 *b = (const block_q8_0 *)row + k / QK8_0;
         __m128i q = _mm_loadl_epi64((const __m128i *)(b->qs + k % QK8_0));
         __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-        return _mm256_mul_ps(f, _mm256_set1_ps(f16_to_f32(b->d)));
+        return _mm256_mul_ps(f, _mm256_set1_ps(_cvtsh_ss(b->d))); /* F16C: no call out of AVX code */
     }
     default:
         return _mm256_loadu_ps((const float *)row + k);
@@ -253,7 +253,7 @@ AVX2_ATTR static float dot_f32_f16_avx2(const float *a, const uint16_t *b, int n
     for (; k + 8 <= n; k += 8)
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + k))), s0);
     float s = hsum256(s0);
-    for (; k < n; k++) s += a[k] * f16_to_f32(b[k]);
+    for (; k < n; k++) s += a[k] * _cvtsh_ss(b[k]);
     return s;
 }
 
@@ -271,7 +271,7 @@ AVX2_ATTR static void axpy_f16_avx2(float *y, float a, const uint16_t *x, int n)
     for (; k + 8 <= n; k += 8)
         _mm256_storeu_ps(y + k, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + k))),
                                                 _mm256_loadu_ps(y + k)));
-    for (; k < n; k++) y[k] += a * f16_to_f32(x[k]);
+    for (; k < n; k++) y[k] += a * _cvtsh_ss(x[k]);
 }
 
 AVX2_ATTR static void f32_to_f16_row_avx2(uint16_t *dst, const float *src, int n) {
@@ -297,7 +297,7 @@ AVX512_ATTR static inline __m512 load16_avx512(uint32_t type, const void *row, i
         const block_q8_0 *b = (const block_q8_0 *)row + k / QK8_0;
         __m128i q = _mm_loadu_si128((const __m128i *)(b->qs + k % QK8_0));
         __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-        return _mm512_mul_ps(f, _mm512_set1_ps(f16_to_f32(b->d)));
+        return _mm512_mul_ps(f, _mm512_set1_ps(_cvtsh_ss(b->d)));
     }
     default:
         return _mm512_loadu_ps((const float *)row + k);
@@ -392,7 +392,7 @@ AVX512_ATTR static float dot_f32_f16_avx512(const float *a, const uint16_t *b, i
     for (; k + 16 <= n; k += 16)
         s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(b + k))), s0);
     float s = _mm512_reduce_add_ps(s0);
-    for (; k < n; k++) s += a[k] * f16_to_f32(b[k]);
+    for (; k < n; k++) s += a[k] * _cvtsh_ss(b[k]);
     return s;
 }
 
@@ -410,7 +410,7 @@ AVX512_ATTR static void axpy_f16_avx512(float *y, float a, const uint16_t *x, in
     for (; k + 16 <= n; k += 16)
         _mm512_storeu_ps(y + k, _mm512_fmadd_ps(va, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + k))),
                                                 _mm512_loadu_ps(y + k)));
-    for (; k < n; k++) y[k] += a * f16_to_f32(x[k]);
+    for (; k < n; k++) y[k] += a * _cvtsh_ss(x[k]);
 }
 
 AVX512_ATTR static void f32_to_f16_row_avx512(uint16_t *dst, const float *src, int n) {
