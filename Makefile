@@ -48,6 +48,7 @@ LIB_OBJ    := $(LIB_SRC:%.c=$(BUILD)/%.o)
 UNIT_SRC   := $(wildcard tests/unit/*.c)
 UNIT_OBJ   := $(UNIT_SRC:%.c=$(BUILD)/%.o)
 TOOL_SRC   := $(wildcard tests/tools/*.c)
+TOOL_BIN   := $(TOOL_SRC:tests/tools/%.c=$(BUILD)/tools/%)
 
 BIN        := $(BUILD)/saserve
 TEST_BIN   := $(BUILD)/test_runner
@@ -55,7 +56,7 @@ MODEL      ?= models/sa-tiny-sa-q8_0.gguf
 HOST       ?= 127.0.0.1
 PORT       ?= 8080
 
-.PHONY: all run test unit bench clean deps test-deps
+.PHONY: all run test unit bench clean deps test-deps config-docs
 .DEFAULT_GOAL := all
 
 all: deps $(BIN)
@@ -110,6 +111,22 @@ $(BUILD)/tests/unit/main.o: $(BUILD)/tests/suites.h
 
 $(TEST_BIN): $(LIB_OBJ) $(UNIT_OBJ)
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS) $(CHECK_LIBS)
+
+# Helper programs for tests and docs: one main() each, linked with the library.
+$(TOOL_BIN): $(BUILD)/tools/%: $(BUILD)/tests/tools/%.o $(LIB_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+# The README's table of keys and config/saserve.example.json are generated
+# from the config registry; the config suite fails until this is rerun after
+# a change to the registry.
+config-docs: $(BUILD)/tools/config_docs
+	$< example > config/saserve.example.json
+	$< markdown > $(BUILD)/config-table.md
+	awk -v t=$(BUILD)/config-table.md \
+	  '/<!-- config-table:end -->/ { while ((getline l < t) > 0) print l; skip = 0 } \
+	   !skip { print } /<!-- config-table:begin -->/ { skip = 1 }' README.md > README.md.tmp
+	mv README.md.tmp README.md
 
 # ---- run / test / bench --------------------------------------------------
 run: all

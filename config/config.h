@@ -66,11 +66,25 @@ typedef struct {
 /* Fills *c from defaults, then the config file, the environment and argv
  * (argv[0] is the subcommand name and is skipped).  Arguments that are not
  * registry flags are left for the caller: their indexes go to rest[] (in
- * order; *n_rest set) when rest is non-NULL, else they are errors.  Handles
- * --config FILE itself.  Returns 0, or -1 with a one-line message in err that
- * names the key or flag and, for range errors, the allowed range. */
+ * order; *n_rest set; rest needs room for argc entries) when rest is
+ * non-NULL, else they are errors.  A registry flag's value is consumed with
+ * it; anything else, a caller flag's value included, goes to rest[] as is.
+ * Handles --config FILE / --config=FILE itself.  Returns 0, or -1 with a
+ * one-line message in err that names the key or flag and, for range errors,
+ * the allowed range; on failure *c holds nothing (config_free() is harmless)
+ * and *n_rest is 0. */
 int config_load(saserve_config *c, int argc, char **argv, int *rest, int *n_rest, char *err, size_t errlen);
+/* Releases the strings; safe on a config that config_load() or
+ * config_defaults() failed to fill (they leave nothing to free). */
 void config_free(saserve_config *c);
+/* Fills *c with the built-in defaults only (no file, environment or argv):
+ * for tests and embedders.  Returns 0, or -1 (out of memory) with err set. */
+int config_defaults(saserve_config *c, char *err, size_t errlen);
+
+/* Where a key's value came from: a config_source, or -1 for an unknown key. */
+int config_key_source(const saserve_config *c, const char *key);
+/* "default", "file", "env" or "cli". */
+const char *config_source_name(config_source s);
 
 /* The effective configuration as one JSON object: {"key": {"value": v,
  * "source": "default"|"file"|"env"|"cli"}, ...}; api_key shown as "***"
