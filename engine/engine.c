@@ -366,6 +366,24 @@ size_t engine_detokenize(const engine *e, const int32_t *ids, int n, char *buf, 
 
 bool engine_token_is_eog(const engine *e, int32_t id) { return tokenizer_is_eog(e->tok, id); }
 
+int engine_tokenize_fragments(const engine *e, const engine_fragment *frags, int n_frags, bool add_bos, int32_t *ids,
+                              int max_ids) {
+    /* engine_fragment and tokenizer_fragment have the same layout. */
+    _Static_assert(sizeof(engine_fragment) == sizeof(tokenizer_fragment), "fragment layouts differ");
+    return tokenizer_encode_fragments(e->tok, (const tokenizer_fragment *)frags, n_frags, add_bos, ids, max_ids);
+}
+
+int32_t engine_token_lookup(const engine *e, const char *s) { return tokenizer_lookup(e->tok, s, strlen(s)); }
+
+bool engine_meta_str(const engine *e, const char *key, char *buf, size_t cap) {
+    gguf_str v;
+    if (!gguf_get_str(e->m.g, key, &v, NULL) || cap == 0) return false;
+    size_t n = v.len < cap - 1 ? v.len : cap - 1;
+    memcpy(buf, v.p, n);
+    buf[n] = 0;
+    return true;
+}
+
 /* ==== Sequences ======================================================== */
 
 static bool seq_ok(const engine *e, int seq) {

@@ -124,6 +124,22 @@ const engine_info *engine_get_info(const engine *e);
 int engine_tokenize(const engine *e, const char *text, size_t len, bool add_bos,
                     int32_t *ids, int max_ids);
 
+/* Several pieces of text encoded as one input; pieces with parse_special
+ * turn the text of control tokens (e.g. "<|im_start|>") into those tokens,
+ * the others never do.  Same return convention as engine_tokenize. */
+typedef struct {
+    const char *text;
+    size_t len;
+    bool parse_special;
+} engine_fragment;
+int engine_tokenize_fragments(const engine *e, const engine_fragment *frags, int n_frags, bool add_bos, int32_t *ids,
+                              int max_ids);
+/* Id of the token whose text is exactly s (any type), or -1. */
+int32_t engine_token_lookup(const engine *e, const char *s);
+/* A string metadata value of the model (e.g. "tokenizer.chat_template"),
+ * NUL-terminated copy into buf; false if absent or not a string. */
+bool engine_meta_str(const engine *e, const char *key, char *buf, size_t cap);
+
 /* The raw bytes a token stands for when it follows other text (SentencePiece
  * "▁" becomes a space; byte tokens give their byte; control tokens give
  * nothing).  Returns the length, or -1 for an id out of range. */

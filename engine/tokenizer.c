@@ -28,6 +28,10 @@ struct tokenizer {
     int32_t byte_token[256];
     int bos, eos, unk;
     bool add_bos, add_space_prefix;
+    /* Control and user-defined tokens, longest first, for parse_special. */
+    int32_t *special;
+    int n_special;
+    bool *eog; /* [n_vocab] ends generation */
 };
 
 /* ==== Vocabulary lookup ================================================ */
@@ -45,6 +49,8 @@ static int32_t lookup(const tokenizer *t, const char *s, size_t n) {
         if (t->tokens[id].len == n && memcmp(t->tokens[id].text, s, n) == 0) return id;
     }
 }
+
+int32_t tokenizer_lookup(const tokenizer *t, const char *s, size_t n) { return lookup(t, s, n); }
 
 /* ==== Loading ========================================================== */
 
@@ -128,6 +134,33 @@ int tokenizer_load(tokenizer **out, const gguf *g, char *err, size_t errlen) {
     bool b;
     t->add_bos = gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &b, NULL) ? b : true;
     t->add_space_prefix = gguf_get_bool(g, "tokenizer.ggml.add_space_prefix", &b, NULL) ? b : true;
+    t->special = malloc((size_t)n * sizeof *t->special);
+    t->eog = calloc((size_t)n, sizeof *t->eog);
+    if (!t->special || !t->eog) {
+        tokenizer_free(t);
+        snprintf(err, errlen, "out of memory");
+        return ENGINE_ENOMEM;
+    }
+    static const char *const eog_names[] = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>",
+                                            "<|endoftext|>", "<|eom_id|>"};
+    for (int i = 0; i < n; i++) {
+        const token_entry *e = &t->tokens[i];
+        if ((e->type == TOK_CONTROL || e->type == TOK_USER) && e->len > 0) t->special[t->n_special++] = i;
+        if (e->type == TOK_CONTROL || e->type == TOK_USER)
+            for (size_t k = 0; k < sizeof eog_names / sizeof eog_names[0]; k++)
+                if (e->len == strlen(eog_names[k]) && !memcmp(e->text, eog_names[k], e->len)) t->eog[i] = true;
+    }
+    if (t->eos >= 0) t->eog[t->eos] = true;
+    /* Longest first, so "<|im_start|>" wins over a shorter prefix token. */
+    for (int i = 1; i < t->n_special; i++) {
+        int32_t id = t->special[i];
+        int j = i;
+        while (j > 0 && t->tokens[t->special[j - 1]].len < t->tokens[id].len) {
+            t->special[j] = t->special[j - 1];
+            j--;
+        }
+        t->special[j] = id;
+    }
     if (t->add_bos && t->bos < 0) {
         tokenizer_free(t);
         snprintf(err, errlen, "tokenizer adds BOS but 'tokenizer.ggml.bos_token_id' is missing or out of range");
@@ -141,6 +174,8 @@ void tokenizer_free(tokenizer *t) {
     if (!t) return;
     free(t->tokens);
     free(t->table);
+    free(t->special);
+    free(t->eog);
     free(t);
 }
 
@@ -148,7 +183,7 @@ int tokenizer_n_vocab(const tokenizer *t) { return t->n_vocab; }
 int tokenizer_bos(const tokenizer *t) { return t->bos; }
 int tokenizer_eos(const tokenizer *t) { return t->eos; }
 bool tokenizer_add_bos(const tokenizer *t) { return t->add_bos; }
-bool tokenizer_is_eog(const tokenizer *t, int32_t id) { return id >= 0 && id == t->eos; }
+bool tokenizer_is_eog(const tokenizer *t, int32_t id) { return id >= 0 && id < t->n_vocab && t->eog[id]; }
 
 /* ==== Encoding ========================================================= */
 
@@ -254,26 +289,26 @@ static void resegment(encoder *e, const char *p, uint32_t len, int depth) {
     }
 }
 
-int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_bos, int32_t *ids, int max_ids) {
-    encoder e = {.t = t, .ids = ids, .max_ids = max_ids < 0 ? 0 : max_ids};
-    if (add_bos && t->bos >= 0) emit(&e, t->bos);
-    if (len == 0) return e.count;
+/* Encodes one run of plain text, with the dummy-prefix space if asked. */
+static int encode_text(encoder *e, const char *text, size_t len, bool prefix) {
+    if (len == 0) return 0;
     if (len > (1u << 28)) return ENGINE_EINVAL;
     /* Normalise: dummy prefix, spaces to U+2581. */
-    size_t spaces = t->add_space_prefix ? 1 : 0;
+    size_t spaces = prefix ? 1 : 0;
     for (size_t i = 0; i < len; i++) spaces += text[i] == ' ';
-    size_t nlen = len + spaces * (SPACE_MARK_LEN - 1) + (t->add_space_prefix ? 1 : 0);
+    size_t nlen = len + spaces * (SPACE_MARK_LEN - 1) + (prefix ? 1 : 0);
     char *norm = malloc(nlen);
-    e.sym = malloc(nlen * sizeof *e.sym);
-    e.h.v = malloc((2 * nlen + 1) * sizeof *e.h.v);
-    if (!norm || !e.sym || !e.h.v) {
+    e->sym = malloc(nlen * sizeof *e->sym);
+    e->h.v = malloc((2 * nlen + 1) * sizeof *e->h.v);
+    e->h.n = 0;
+    if (!norm || !e->sym || !e->h.v) {
         free(norm);
-        free(e.sym);
-        free(e.h.v);
+        free(e->sym);
+        free(e->h.v);
         return ENGINE_ENOMEM;
     }
     size_t o = 0;
-    if (t->add_space_prefix) {
+    if (prefix) {
         memcpy(norm, SPACE_MARK, SPACE_MARK_LEN);
         o = SPACE_MARK_LEN;
     }
@@ -290,29 +325,76 @@ int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_
     for (size_t i = 0; i < o;) {
         uint32_t cl = (uint32_t)utf8_len((uint8_t)norm[i]);
         if (cl > o - i) cl = (uint32_t)(o - i);
-        e.sym[n_sym] = (symbol){n_sym - 1, -1, norm + i, cl};
-        if (n_sym > 0) e.sym[n_sym - 1].next = n_sym;
+        e->sym[n_sym] = (symbol){n_sym - 1, -1, norm + i, cl};
+        if (n_sym > 0) e->sym[n_sym - 1].next = n_sym;
         n_sym++;
         i += cl;
     }
-    for (int i = 1; i < n_sym; i++) try_bigram(&e, i - 1, i);
-    while (e.h.n > 0) {
-        bigram b = heap_pop(&e.h);
-        symbol *l = &e.sym[b.left], *r = &e.sym[b.right];
+    for (int i = 1; i < n_sym; i++) try_bigram(e, i - 1, i);
+    while (e->h.n > 0) {
+        bigram b = heap_pop(&e->h);
+        symbol *l = &e->sym[b.left], *r = &e->sym[b.right];
         /* Stale: one side was merged away or grew since this was queued. */
         if (l->len == 0 || r->len == 0 || l->len + r->len != b.len || l->next != b.right) continue;
         l->len += r->len;
         r->len = 0;
         l->next = r->next;
-        if (r->next >= 0) e.sym[r->next].prev = b.left;
-        try_bigram(&e, l->prev, b.left);
-        try_bigram(&e, b.left, l->next);
+        if (r->next >= 0) e->sym[r->next].prev = b.left;
+        try_bigram(e, l->prev, b.left);
+        try_bigram(e, b.left, l->next);
     }
-    for (int i = 0; i != -1 && n_sym > 0; i = e.sym[i].next) resegment(&e, e.sym[i].text, e.sym[i].len, 0);
+    for (int i = 0; i != -1 && n_sym > 0; i = e->sym[i].next) resegment(e, e->sym[i].text, e->sym[i].len, 0);
     free(norm);
-    free(e.sym);
-    free(e.h.v);
+    free(e->sym);
+    free(e->h.v);
+    e->sym = NULL;
+    e->h.v = NULL;
+    return 0;
+}
+
+/* The special token whose text starts at s (longest match), or -1. */
+static int32_t special_at(const tokenizer *t, const char *s, size_t n) {
+    for (int i = 0; i < t->n_special; i++) {
+        const token_entry *e = &t->tokens[t->special[i]];
+        if (e->len <= n && memcmp(e->text, s, e->len) == 0) return t->special[i];
+    }
+    return -1;
+}
+
+int tokenizer_encode_fragments(const tokenizer *t, const tokenizer_fragment *frags, int n_frags, bool add_bos,
+                               int32_t *ids, int max_ids) {
+    encoder e = {.t = t, .ids = ids, .max_ids = max_ids < 0 ? 0 : max_ids};
+    if (add_bos && t->bos >= 0) emit(&e, t->bos);
+    /* As sentencepiece (and llama.cpp): a run of text gets the dummy-prefix
+     * space when it starts the input or follows a special token. */
+    bool prev_special = true;
+    for (int f = 0; f < n_frags; f++) {
+        const char *p = frags[f].text;
+        size_t len = frags[f].len;
+        size_t start = 0;
+        for (size_t i = 0; frags[f].parse_special && i < len; i++) {
+            int32_t sp = special_at(t, p + i, len - i);
+            if (sp < 0) continue;
+            int rc = encode_text(&e, p + start, i - start, t->add_space_prefix && prev_special);
+            if (rc) return rc;
+            if (i > start) prev_special = false;
+            emit(&e, sp);
+            prev_special = true;
+            i += t->tokens[sp].len - 1;
+            start = i + 1;
+        }
+        if (len > start) {
+            int rc = encode_text(&e, p + start, len - start, t->add_space_prefix && prev_special);
+            if (rc) return rc;
+            prev_special = false;
+        }
+    }
     return e.count;
+}
+
+int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_bos, int32_t *ids, int max_ids) {
+    tokenizer_fragment f = {text, len, false};
+    return tokenizer_encode_fragments(t, &f, 1, add_bos, ids, max_ids);
 }
 
 /* ==== Decoding ========================================================= */

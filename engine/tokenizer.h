@@ -35,6 +35,18 @@ bool tokenizer_is_eog(const tokenizer *t, int32_t id);
 /* Returns the id count (may exceed max_ids; only max_ids are written) or a
  * negative ENGINE_E* code. */
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, bool add_bos, int32_t *ids, int max_ids);
+typedef struct {
+    const char *text;
+    size_t len;
+    bool parse_special; /* control/user-defined token texts become those tokens */
+} tokenizer_fragment;
+
+/* Encodes several pieces of text as one input (chat templates: template
+ * parts parse special tokens, message contents do not). */
+int tokenizer_encode_fragments(const tokenizer *t, const tokenizer_fragment *frags, int n_frags, bool add_bos,
+                               int32_t *ids, int max_ids);
+/* Id of the token whose text is s[0..n), or -1. */
+int32_t tokenizer_lookup(const tokenizer *t, const char *s, size_t n);
 /* Bytes of one token in running text; -1 if id is out of range. */
 int tokenizer_token_bytes(const tokenizer *t, int32_t id, char *buf, size_t cap);
 /* Standalone decode (see engine_detokenize). */
