@@ -381,6 +381,10 @@ static void stop_loop(server *s) {
     uv_signal_stop(&s->sig_int);
     uv_close((uv_handle_t *)&s->wake, NULL);
     uv_stop(s->loop);
+    /* Exiting anyway: a late signal must not kill us mid-cleanup (libuv
+     * restores the default action when its watchers stop). */
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
 }
 
 static void maybe_finish_drain(server *s) {

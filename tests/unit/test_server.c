@@ -1,0 +1,481 @@
+/*
+ * test_server.c - the HTTP server end to end: a real saserve process on a
+ * free 127.0.0.1 port, driven over sockets.
+ *
+ * The reference cases need ../shared (sa-tiny's f16 model and reference
+ * outputs) and skip without it; the rest use the bundled model.
+ */
+#include <check.h>
+#include <arpa/inet.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "httpc.h"
+#include "testutil.h"
+
+#define BUNDLED "models/sa-tiny-sa-q8_0.gguf"
+
+int test_connect(int port);
+
+static srv_proc srv;       /* started once per TCase (unchecked fixture) */
+static bool srv_ok;
+static json_t *ref;        /* sa-tiny ref-none.json, or NULL */
+
+static json_t *post_json(int port, const char *path, const char *body, int *status) {
+    http_resp r;
+    if (http_do(port, "POST", path, NULL, body, &r) != 0) return NULL;
+    *status = r.status;
+    json_t *j = json_loads(r.body, 0, NULL);
+    http_resp_free(&r);
+    return j;
+}
+
+static void start(const char *const *args) {
+    srv_ok = srv_start(&srv, args) == 0;
+    if (!srv_ok) {
+        char *log = srv_log(&srv);
+        fprintf(stderr, "server did not start:\n%s\n", log ? log : "(no log)");
+        free(log);
+    }
+}
+
+static void stop(void) {
+    if (srv_ok) srv_stop(&srv);
+    srv_ok = false;
+}
+
+/* ==== Bundled model: API behaviour ===================================== */
+
+static void setup_bundled(void) {
+    const char *args[] = {"--model", BUNDLED, "--max-running", "4", NULL};
+    start(args);
+}
+
+START_TEST(test_health_models) {
+    ck_assert(srv_ok);
+    http_resp r;
+    ck_assert_int_eq(http_do(srv.port, "GET", "/health", NULL, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    ck_assert_ptr_nonnull(strstr(r.body, "\"ok\""));
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(srv.port, "GET", "/v1/models", NULL, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    json_t *j = json_loads(r.body, 0, NULL);
+    ck_assert_ptr_nonnull(j);
+    json_t *m = json_array_get(json_object_get(j, "data"), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(m, "id")), "sa-tiny-sa-q8_0");
+    ck_assert_str_eq(json_string_value(json_object_get(m, "object")), "model");
+    json_t *sa = json_object_get(m, "shared_attention");
+    ck_assert_str_eq(json_string_value(json_object_get(sa, "shared_layers")), "4-11");
+    json_t *src = json_object_get(sa, "layer_source");
+    for (int l = 0; l < 12; l++) ck_assert_int_eq(json_integer_value(json_array_get(src, (size_t)l)), l < 4 ? l : 3);
+    ck_assert_int_eq(json_integer_value(json_object_get(sa, "kv_bytes_per_token")) * 3,
+                     json_integer_value(json_object_get(sa, "kv_bytes_per_token_unshared")) * 2);
+    json_decref(j);
+    http_resp_free(&r);
+}
+END_TEST
+
+static void expect_400(const char *body, const char *param, const char *msg_part) {
+    int st = 0;
+    json_t *j = post_json(srv.port, "/v1/completions", body, &st);
+    ck_assert_msg(j != NULL, "no JSON for %s", body);
+    ck_assert_msg(st == 400, "status %d for %s", st, body);
+    json_t *err = json_object_get(j, "error");
+    ck_assert_msg(json_is_object(err), "no error object for %s", body);
+    ck_assert_str_eq(json_string_value(json_object_get(err, "type")), "invalid_request_error");
+    const char *msg = json_string_value(json_object_get(err, "message"));
+    ck_assert_ptr_nonnull(msg);
+    if (msg_part) ck_assert_msg(strstr(msg, msg_part) != NULL, "'%s' lacks '%s'", msg, msg_part);
+    json_t *p = json_object_get(err, "param");
+    if (param) ck_assert_str_eq(json_string_value(p), param);
+    else ck_assert(json_is_null(p));
+    json_decref(j);
+}
+
+START_TEST(test_bad_requests) {
+    ck_assert(srv_ok);
+    expect_400("{not json", NULL, "parse");
+    expect_400("[1,2]", NULL, "object");
+    expect_400("{}", "prompt", "required");
+    expect_400("{\"prompt\": 5}", "prompt", NULL);
+    expect_400("{\"prompt\": \"x\", \"temperature\": 5}", "temperature", "between 0 and 2");
+    expect_400("{\"prompt\": \"x\", \"temperature\": \"hot\"}", "temperature", "number");
+    expect_400("{\"prompt\": \"x\", \"max_tokens\": \"many\"}", "max_tokens", "integer");
+    expect_400("{\"prompt\": \"x\", \"max_tokens\": -1}", "max_tokens", NULL);
+    expect_400("{\"prompt\": \"x\", \"n\": 0}", "n", NULL);
+    expect_400("{\"prompt\": \"x\", \"top_p\": 1.5}", "top_p", NULL);
+    expect_400("{\"prompt\": \"x\", \"stop\": [\"a\",\"b\",\"c\",\"d\",\"e\"]}", "stop", "4");
+    expect_400("{\"prompt\": \"x\", \"stop\": 3}", "stop", NULL);
+    expect_400("{\"prompt\": \"x\", \"logprobs\": 9}", "logprobs", NULL);
+    expect_400("{\"prompt\": \"x\", \"logit_bias\": {\"99999\": 1}}", "logit_bias", NULL);
+    expect_400("{\"prompt\": [1, 2, 99999]}", "prompt", NULL);
+    expect_400("{\"prompt\": \"x\", \"stream_options\": {\"include_usage\": true}}", "stream_options", NULL);
+    /* A prompt longer than the context: both numbers in the message. */
+    char *big = malloc(20000);
+    size_t o = (size_t)sprintf(big, "{\"prompt\": [1");
+    for (int i = 0; i < 1500; i++) o += (size_t)sprintf(big + o, ",%d", 300 + i % 100);
+    sprintf(big + o, "]}");
+    expect_400(big, "prompt", "1024");
+    expect_400(big, "prompt", "1501");
+    free(big);
+    expect_400("{\"prompt\": \"x\", \"max_tokens\": 1023}", "max_tokens", "1024");
+
+    http_resp r;
+    ck_assert_int_eq(http_do(srv.port, "GET", "/nope", NULL, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 404);
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(srv.port, "GET", "/v1/completions", NULL, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 405);
+    http_resp_free(&r);
+    /* Still healthy. */
+    ck_assert_int_eq(http_do(srv.port, "GET", "/health", NULL, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    http_resp_free(&r);
+}
+END_TEST
+
+START_TEST(test_completion_shape) {
+    ck_assert(srv_ok);
+    int st;
+    json_t *j = post_json(srv.port, "/v1/completions",
+                          "{\"model\": \"whatever\", \"prompt\": \"The kernel\", \"max_tokens\": 5, \"temperature\": 0}",
+                          &st);
+    ck_assert_int_eq(st, 200);
+    ck_assert_str_eq(json_string_value(json_object_get(j, "object")), "text_completion");
+    ck_assert(!strncmp(json_string_value(json_object_get(j, "id")), "cmpl-", 5));
+    ck_assert(json_integer_value(json_object_get(j, "created")) > 1600000000);
+    json_t *c = json_array_get(json_object_get(j, "choices"), 0);
+    ck_assert_int_eq(json_integer_value(json_object_get(c, "index")), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(c, "finish_reason")), "length");
+    json_t *u = json_object_get(j, "usage");
+    ck_assert_int_eq(json_integer_value(json_object_get(u, "completion_tokens")), 5);
+    ck_assert_int_eq(json_integer_value(json_object_get(u, "prompt_tokens")), 3); /* <s> The kernel */
+    ck_assert_int_eq(json_integer_value(json_object_get(u, "total_tokens")), 8);
+    json_decref(j);
+}
+END_TEST
+
+/* Stop strings never appear; the text ends before the first one. */
+START_TEST(test_stop_string) {
+    ck_assert(srv_ok);
+    int st;
+    json_t *full = post_json(srv.port, "/v1/completions",
+                             "{\"prompt\": \"You will be\", \"max_tokens\": 20, \"temperature\": 0, \"ignore_eos\": true}",
+                             &st);
+    const char *text = json_string_value(json_object_get(json_array_get(json_object_get(full, "choices"), 0), "text"));
+    ck_assert(strlen(text) > 6);
+    /* Stop on a word from the middle of the greedy text. */
+    char stop[8];
+    memcpy(stop, text + 4, 3);
+    stop[3] = 0;
+    char body[256];
+    snprintf(body, sizeof body,
+             "{\"prompt\": \"You will be\", \"max_tokens\": 20, \"temperature\": 0, \"stop\": [\"%s\"], \"stream\": %s}",
+             stop, "false");
+    json_t *j = post_json(srv.port, "/v1/completions", body, &st);
+    json_t *c = json_array_get(json_object_get(j, "choices"), 0);
+    const char *t2 = json_string_value(json_object_get(c, "text"));
+    const char *at = strstr(text, stop);
+    ck_assert_ptr_nonnull(at);
+    ck_assert_int_eq(strlen(t2), at - text);
+    ck_assert(!strncmp(t2, text, strlen(t2)));
+    ck_assert_str_eq(json_string_value(json_object_get(c, "finish_reason")), "stop");
+    /* Streamed: the same text, never the stop string. */
+    snprintf(body, sizeof body,
+             "{\"prompt\": \"You will be\", \"max_tokens\": 20, \"temperature\": 0, \"stop\": \"%s\", \"stream\": true}",
+             stop);
+    http_resp r;
+    ck_assert_int_eq(http_do(srv.port, "POST", "/v1/completions", NULL, body, &r), 0);
+    char acc[1024] = "";
+    for (char *p = strstr(r.body, "data: {"); p; p = strstr(p + 1, "data: {")) {
+        char *e = strstr(p, "\n\n");
+        json_t *ch = json_loadb(p + 6, (size_t)(e - p - 6), 0, NULL);
+        ck_assert_ptr_nonnull(ch);
+        const char *piece = json_string_value(json_object_get(json_array_get(json_object_get(ch, "choices"), 0), "text"));
+        if (piece) strncat(acc, piece, sizeof acc - strlen(acc) - 1);
+        json_decref(ch);
+    }
+    ck_assert_str_eq(acc, t2);
+    ck_assert(strstr(r.body, "data: [DONE]\n\n"));
+    http_resp_free(&r);
+    json_decref(j);
+    json_decref(full);
+}
+END_TEST
+
+START_TEST(test_chat_shape) {
+    ck_assert(srv_ok);
+    int st;
+    json_t *j = post_json(srv.port, "/v1/chat/completions",
+                          "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", "
+                          "\"content\": [{\"type\": \"text\", \"text\": \"Hello\"}]}], \"max_tokens\": 4, \"n\": 2}",
+                          &st);
+    ck_assert_int_eq(st, 200);
+    ck_assert_str_eq(json_string_value(json_object_get(j, "object")), "chat.completion");
+    json_t *cs = json_object_get(j, "choices");
+    ck_assert_int_eq(json_array_size(cs), 2);
+    for (size_t i = 0; i < 2; i++) {
+        json_t *m = json_object_get(json_array_get(cs, i), "message");
+        ck_assert_str_eq(json_string_value(json_object_get(m, "role")), "assistant");
+        ck_assert(json_is_string(json_object_get(m, "content")));
+    }
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(j, "usage"), "completion_tokens")) <= 8, 1);
+    json_decref(j);
+}
+END_TEST
+
+/* A client that disconnects mid-stream: its sequence is freed. */
+START_TEST(test_disconnect_frees) {
+    ck_assert(srv_ok);
+    int fd;
+    {
+        /* Raw socket: send a long streaming request, read a little, close. */
+        const char *body = "{\"prompt\": \"You will be\", \"max_tokens\": 900, \"ignore_eos\": true, \"stream\": true}";
+        char req[512];
+        int n = snprintf(req, sizeof req,
+                         "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         "Content-Length: %zu\r\n\r\n%s", strlen(body), body);
+        fd = test_connect(srv.port);
+        ck_assert_int_ge(fd, 0);
+        ck_assert_int_eq(write(fd, req, (size_t)n), n);
+        char buf[512];
+        ck_assert_int_gt(read(fd, buf, sizeof buf), 0);
+        close(fd);
+    }
+    /* Within a second or so the request is cancelled and KV usage is 0. */
+    bool freed = false;
+    for (int i = 0; i < 100 && !freed; i++) {
+        usleep(100 * 1000);
+        http_resp r;
+        ck_assert_int_eq(http_do(srv.port, "GET", "/metrics", NULL, NULL, &r), 0);
+        freed = strstr(r.body, "saserve_kv_cache_usage_ratio 0\n") &&
+                strstr(r.body, "saserve_num_requests_running 0\n") &&
+                !strstr(r.body, "saserve_request_failure_total{reason=\"cancelled\"} 0\n");
+        http_resp_free(&r);
+    }
+    ck_assert_msg(freed, "the disconnected request was not cancelled and freed");
+}
+END_TEST
+
+/* ==== Reference: sa-tiny f16 greedy through the API ==================== */
+
+static void setup_ref(void) {
+    char path[512], rpath[512];
+    ref = NULL;
+    srv_ok = false;
+    if (!shared_path(path, sizeof path, "models/sa-tiny/model-f16.gguf", "server reference") ||
+        !shared_path(rpath, sizeof rpath, "models/sa-tiny/reference/ref-none.json", "server reference"))
+        return;
+    ref = json_load_file(rpath, 0, NULL);
+    const char *args[] = {"--model", path, "--shared-layers", "none", "--max-running", "16", NULL};
+    start(args);
+}
+
+static void teardown_ref(void) {
+    stop();
+    json_decref(ref);
+    ref = NULL;
+}
+
+/* The reference decodes standalone (sentencepiece drops one leading space). */
+static bool same_text(const char *api, const char *ref_text) {
+    return !strcmp(api, ref_text) || (api[0] == ' ' && !strcmp(api + 1, ref_text));
+}
+
+static char *complete(int port, const char *prompt_json, bool stream) {
+    char body[2048];
+    snprintf(body, sizeof body,
+             "{\"prompt\": %s, \"max_tokens\": 32, \"temperature\": 0, \"ignore_eos\": true, \"stream\": %s}",
+             prompt_json, stream ? "true" : "false");
+    http_resp r;
+    if (http_do(port, "POST", "/v1/completions", NULL, body, &r) != 0) return NULL;
+    char *out = NULL;
+    if (!stream) {
+        json_t *j = json_loads(r.body, 0, NULL);
+        const char *t = json_string_value(json_object_get(json_array_get(json_object_get(j, "choices"), 0), "text"));
+        out = t ? strdup(t) : NULL;
+        json_decref(j);
+    } else {
+        {
+            size_t cap = 4096, len = 0;
+            out = calloc(1, cap);
+            int chunks = 0;
+            for (char *p = strstr(r.body, "data: {"); p; p = strstr(p + 1, "data: {")) {
+                char *e = strstr(p, "\n\n");
+                json_t *ch = json_loadb(p + 6, (size_t)(e - p - 6), 0, NULL);
+                const char *t = json_string_value(json_object_get(json_array_get(json_object_get(ch, "choices"), 0), "text"));
+                if (t && len + strlen(t) < cap) {
+                    strcpy(out + len, t);
+                    len += strlen(t);
+                }
+                chunks++;
+                json_decref(ch);
+            }
+            /* Several chunks, and the stream's last event is [DONE]. */
+            size_t bl = r.body_len;
+            if (chunks < 2 || bl < 14 || strcmp(r.body + bl - 14, "data: [DONE]\n\n") != 0) {
+                free(out);
+                out = NULL;
+            }
+        }
+    }
+    http_resp_free(&r);
+    return out;
+}
+
+static char *prompt_json(json_t *p) {
+    return json_dumps(json_object_get(p, "text"), JSON_ENCODE_ANY);
+}
+
+START_TEST(test_reference_greedy) {
+    if (!ref) return;
+    ck_assert(srv_ok);
+    json_t *prompts = json_object_get(ref, "prompts");
+    for (size_t i = 0; i < json_array_size(prompts); i++) {
+        json_t *p = json_array_get(prompts, i);
+        char *pj = prompt_json(p);
+        const char *want = json_string_value(json_object_get(p, "greedy_text"));
+        for (int stream = 0; stream < 2; stream++) {
+            char *got = complete(srv.port, pj, stream);
+            ck_assert_msg(got != NULL, "prompt %zu: no %s response", i, stream ? "stream" : "plain");
+            ck_assert_msg(same_text(got, want), "prompt %zu (%s): got '%s' want '%s'", i, stream ? "stream" : "plain",
+                          got, want);
+            free(got);
+        }
+        free(pj);
+    }
+}
+END_TEST
+
+typedef struct {
+    int port;
+    char *prompt;
+    char *out;
+} conc_arg;
+
+static void *conc_worker(void *v) {
+    conc_arg *a = v;
+    a->out = complete(a->port, a->prompt, false);
+    return NULL;
+}
+
+/* 16 concurrent greedy requests give exactly what they give one at a time. */
+START_TEST(test_concurrent_equals_sequential) {
+    if (!ref) return;
+    ck_assert(srv_ok);
+    json_t *prompts = json_object_get(ref, "prompts");
+    size_t np = json_array_size(prompts);
+    conc_arg args[16];
+    pthread_t th[16];
+    for (int i = 0; i < 16; i++) {
+        args[i].port = srv.port;
+        args[i].prompt = prompt_json(json_array_get(prompts, (size_t)i % np));
+        args[i].out = NULL;
+    }
+    char *alone[16];
+    for (size_t i = 0; i < np; i++) alone[i] = complete(srv.port, args[i].prompt, false);
+    for (int i = 0; i < 16; i++) pthread_create(&th[i], NULL, conc_worker, &args[i]);
+    for (int i = 0; i < 16; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < 16; i++) {
+        ck_assert_ptr_nonnull(args[i].out);
+        ck_assert_msg(!strcmp(args[i].out, alone[(size_t)i % np]), "request %d: '%s' vs alone '%s'", i, args[i].out,
+                      alone[(size_t)i % np]);
+        free(args[i].out);
+        free(args[i].prompt);
+    }
+    for (size_t i = 0; i < np; i++) free(alone[i]);
+}
+END_TEST
+
+/* ==== Limits and shutdown ============================================== */
+
+START_TEST(test_queue_full_and_drain) {
+    const char *args[] = {"--model", BUNDLED, "--max-running", "1", "--max-queue", "1", NULL};
+    srv_proc p;
+    ck_assert_int_eq(srv_start(&p, args), 0);
+    /* Three long requests at once: one runs, one waits, one is refused. */
+    const char *body = "{\"prompt\": \"You will be\", \"max_tokens\": 400, \"ignore_eos\": true}";
+    int fds[3];
+    char req[512];
+    int n = snprintf(req, sizeof req,
+                     "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                     "%zu\r\n\r\n%s", strlen(body), body);
+    for (int i = 0; i < 2; i++) {
+        fds[i] = test_connect(p.port);
+        ck_assert_int_eq(write(fds[i], req, (size_t)n), n);
+        usleep(200 * 1000);
+    }
+    http_resp r;
+    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", NULL, body, &r), 0);
+    ck_assert_int_eq(r.status, 429);
+    char ra[32];
+    ck_assert(http_header(&r, "Retry-After", ra, sizeof ra));
+    ck_assert_ptr_nonnull(strstr(r.body, "\"error\""));
+    http_resp_free(&r);
+    (void)fds[2];
+    /* SIGTERM while two requests are in flight: both finish, exit 0. */
+    kill(p.pid, SIGTERM);
+    usleep(300 * 1000);
+    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", NULL, body, &r), 0);
+    ck_assert_int_eq(r.status, 503);
+    http_resp_free(&r);
+    for (int i = 0; i < 2; i++) {
+        char buf[8192];
+        size_t got = 0;
+        ssize_t k;
+        while ((k = read(fds[i], buf + got, sizeof buf - 1 - got)) > 0) got += (size_t)k;
+        buf[got] = 0;
+        ck_assert_msg(strstr(buf, "200 OK") && strstr(buf, "\"finish_reason\":\"length\""), "in-flight %d: %s", i,
+                      buf);
+        close(fds[i]);
+    }
+    ck_assert_int_eq(srv_stop(&p), 0);
+}
+END_TEST
+
+int test_connect(int port) {
+    /* http_do's connect, exposed for raw-socket tests. */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+Suite *server_suite(void) {
+    Suite *s = suite_create("server");
+    TCase *tc = tcase_create("api");
+    tcase_add_unchecked_fixture(tc, setup_bundled, stop);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_health_models);
+    tcase_add_test(tc, test_bad_requests);
+    tcase_add_test(tc, test_completion_shape);
+    tcase_add_test(tc, test_stop_string);
+    tcase_add_test(tc, test_chat_shape);
+    tcase_add_test(tc, test_disconnect_frees);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("reference");
+    tcase_add_unchecked_fixture(tc, setup_ref, teardown_ref);
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_reference_greedy);
+    tcase_add_test(tc, test_concurrent_equals_sequential);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("limits");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_queue_full_and_drain);
+    suite_add_tcase(s, tc);
+    return s;
+}
