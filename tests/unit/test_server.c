@@ -397,46 +397,72 @@ END_TEST
 
 /* ==== Limits and shutdown ============================================== */
 
-START_TEST(test_queue_full_and_drain) {
-    const char *args[] = {"--model", BUNDLED, "--max-running", "1", "--max-queue", "1", NULL};
-    srv_proc p;
-    ck_assert_int_eq(srv_start(&p, args), 0);
-    /* Three long requests at once: one runs, one waits, one is refused. */
-    const char *body = "{\"prompt\": \"You will be\", \"max_tokens\": 400, \"ignore_eos\": true}";
-    int fds[3];
+static int send_raw(int port, const char *body) {
     char req[512];
     int n = snprintf(req, sizeof req,
                      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
                      "%zu\r\n\r\n%s", strlen(body), body);
+    int fd = test_connect(port);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, req, (size_t)n), n);
+    return fd;
+}
+
+static bool idle(int port) {
+    http_resp r;
+    if (http_do(port, "GET", "/metrics", NULL, NULL, &r) != 0) return false;
+    bool ok = strstr(r.body, "saserve_num_requests_running 0\n") && strstr(r.body, "saserve_num_requests_waiting 0\n");
+    http_resp_free(&r);
+    return ok;
+}
+
+START_TEST(test_queue_full_and_drain) {
+    const char *args[] = {"--model", BUNDLED, "--max-running", "1", "--max-queue", "1", "--shutdown-grace", "300", NULL};
+    srv_proc p;
+    ck_assert_int_eq(srv_start(&p, args), 0);
+    /* Two long requests: one runs, one waits; a third is refused. */
+    const char *longreq = "{\"prompt\": \"You will be\", \"max_tokens\": 1000, \"ignore_eos\": true}";
+    int fds[2];
     for (int i = 0; i < 2; i++) {
-        fds[i] = test_connect(p.port);
-        ck_assert_int_eq(write(fds[i], req, (size_t)n), n);
+        fds[i] = send_raw(p.port, longreq);
         usleep(200 * 1000);
     }
     http_resp r;
-    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", NULL, body, &r), 0);
+    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", NULL, longreq, &r), 0);
     ck_assert_int_eq(r.status, 429);
     char ra[32];
     ck_assert(http_header(&r, "Retry-After", ra, sizeof ra));
     ck_assert_ptr_nonnull(strstr(r.body, "\"error\""));
     http_resp_free(&r);
-    (void)fds[2];
-    /* SIGTERM while two requests are in flight: both finish, exit 0. */
+    /* Both clients hang up: both requests go, running and waiting. */
+    close(fds[0]);
+    close(fds[1]);
+    bool gone = false;
+    for (int i = 0; i < 300 && !gone; i++) {
+        usleep(100 * 1000);
+        gone = idle(p.port);
+    }
+    ck_assert_msg(gone, "disconnected requests still counted");
+
+    /* SIGTERM while a request is in flight: new ones get 503, the running
+     * one finishes, the process exits 0. */
+    int fd = send_raw(p.port, "{\"prompt\": \"You will be\", \"max_tokens\": 400, \"ignore_eos\": true}");
+    usleep(300 * 1000);
     kill(p.pid, SIGTERM);
     usleep(300 * 1000);
-    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", NULL, body, &r), 0);
+    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", NULL, longreq, &r), 0);
     ck_assert_int_eq(r.status, 503);
     http_resp_free(&r);
-    for (int i = 0; i < 2; i++) {
-        char buf[8192];
-        size_t got = 0;
-        ssize_t k;
-        while ((k = read(fds[i], buf + got, sizeof buf - 1 - got)) > 0) got += (size_t)k;
-        buf[got] = 0;
-        ck_assert_msg(strstr(buf, "200 OK") && strstr(buf, "\"finish_reason\":\"length\""), "in-flight %d: %s", i,
-                      buf);
-        close(fds[i]);
-    }
+    ck_assert_int_eq(http_do(p.port, "GET", "/health", NULL, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 503);
+    http_resp_free(&r);
+    char buf[16384];
+    size_t got = 0;
+    ssize_t k;
+    while ((k = read(fd, buf + got, sizeof buf - 1 - got)) > 0) got += (size_t)k;
+    buf[got] = 0;
+    ck_assert_msg(strstr(buf, "200 OK") && strstr(buf, "\"finish_reason\":\"length\""), "in-flight: %s", buf);
+    close(fd);
     ck_assert_int_eq(srv_stop(&p), 0);
 }
 END_TEST
@@ -474,7 +500,7 @@ Suite *server_suite(void) {
     suite_add_tcase(s, tc);
 
     tc = tcase_create("limits");
-    tcase_set_timeout(tc, 120);
+    tcase_set_timeout(tc, 400);
     tcase_add_test(tc, test_queue_full_and_drain);
     suite_add_tcase(s, tc);
     return s;
