@@ -155,6 +155,26 @@ void request_post_token(request *r, int choice, int32_t token, float logprob, in
     pthread_mutex_unlock(&r->mu);
 }
 
+void request_post_prompt_token(request *r, int choice, int32_t token, float logprob, int n_top,
+                               const int32_t *top_ids, const float *top_lps) {
+    pthread_mutex_lock(&r->mu);
+    req_event *e = push_event(r);
+    if (e) {
+        e->type = EV_TOKEN;
+        e->prompt = true;
+        e->choice = choice;
+        e->token = token;
+        e->logprob = logprob;
+        e->n_top = n_top > REQ_MAX_TOP_LOGPROBS ? REQ_MAX_TOP_LOGPROBS : n_top;
+        for (int i = 0; i < e->n_top; i++) {
+            e->top_ids[i] = top_ids[i];
+            e->top_lps[i] = top_lps[i];
+        }
+        e->text_off = r->out.text.len;
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
 void request_post_finish(request *r, int choice, const char *reason) {
     pthread_mutex_lock(&r->mu);
     req_event *e = push_event(r);

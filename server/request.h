@@ -51,6 +51,7 @@ typedef enum { EV_TOKEN, EV_FINISH, EV_ERROR } event_type;
 typedef struct {
     event_type type;
     int choice;
+    bool prompt;            /* EV_TOKEN of the prompt (echo with logprobs) */
     int32_t token;          /* EV_TOKEN */
     float logprob;
     int n_top;
@@ -98,6 +99,7 @@ struct request {
 
     /* Parameters (immutable once queued). */
     bool stream, include_usage, echo, ignore_eos;
+    bool prompt_logprobs;  /* echo + logprobs: score the prompt's tokens too */
     int max_tokens;
     int n;                 /* choices per prompt */
     int logprobs;          /* -1: none; else top-k count (0 = chosen token only) */
@@ -153,6 +155,9 @@ int request_alloc_choices(request *r);
 /* Scheduler side: append an event under mu.  text/len is copied. */
 void request_post_token(request *r, int choice, int32_t token, float logprob, int n_top, const int32_t *top_ids,
                         const float *top_lps, const char *text, size_t len);
+/* A prompt token's logprob (NAN for the first token, which has none). */
+void request_post_prompt_token(request *r, int choice, int32_t token, float logprob, int n_top,
+                               const int32_t *top_ids, const float *top_lps);
 void request_post_finish(request *r, int choice, const char *reason);
 void request_post_error(request *r, int status, const char *msg);
 

@@ -405,6 +405,7 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
                 r->logprobs = (int)json_integer_value(lp);
         }
         ok = ok && get_bool(root, "echo", &r->echo, &e);
+        r->prompt_logprobs = r->echo && r->logprobs >= 0;
         json_t *suffix = field(root, "suffix");
         if (ok && suffix) ok = bad(&e, "suffix", "'suffix' is not supported by this model");
         ok = ok && parse_prompt(s, r, root, &e);
@@ -487,6 +488,11 @@ static json_t *legacy_logprobs(server *s, const req_event *const *evs, int n, in
         json_array_append_new(offs, json_integer(*offset));
         *offset += (int)json_string_length(t);
         json_array_append_new(tokens, t);
+        if (isnan(ev->logprob)) { /* the first prompt token has no logprob */
+            json_array_append_new(lps, json_null());
+            json_array_append_new(tops, json_null());
+            continue;
+        }
         json_array_append_new(lps, json_real(ev->logprob));
         json_t *top = json_object();
         for (int k = 0; k < ev->n_top; k++) {
@@ -600,7 +606,7 @@ void routes_consume_events(server *s, request *r, req_outbox *out) {
         if (ev->type == EV_TOKEN) {
             const char *text = out->text.p ? out->text.p + ev->text_off : "";
             bool has_token = ev->token >= 0;
-            if (has_token) r->completion_tokens++;
+            if (has_token && !ev->prompt) r->completion_tokens++;
             json_t *lp = NULL;
             if (has_token && r->logprobs >= 0) {
                 const req_event *one[1] = {ev};

@@ -330,7 +330,8 @@ static bool try_admit(scheduler *s, request *r) {
             free_seqs(s, r);
             return false;
         }
-        c->n_cached = s->eng.prefix_attach(s->eng.ctx, c->seq, c->tokens, c->n_tokens);
+        /* Scoring the prompt needs its logits: no cached prefix then. */
+        c->n_cached = r->prompt_logprobs ? 0 : s->eng.prefix_attach(s->eng.ctx, c->seq, c->tokens, c->n_tokens);
         if (c->n_cached < 0) c->n_cached = 0;
         blocks += s->eng.blocks_needed(s->eng.ctx, c->seq, c->n_tokens - c->n_cached);
     }
@@ -422,6 +423,27 @@ static void sample_choice(scheduler *s, request *r, int ci, const float *logits,
     touch(s, r);
     if (eog || stopped) finish_choice(s, r, ci, "stop");
     else if (c->n_gen >= r->max_tokens || c->n_tokens >= s->eng.n_ctx) finish_choice(s, r, ci, "length");
+}
+
+/* echo + logprobs: the logprob of each prompt token given the ones before
+ * it, posted to every choice of that prompt.  Row t of the chunk predicts the
+ * token at position n_cached + t + 1. */
+static void score_prompt(scheduler *s, request *r, const req_choice *c, const engine_batch_item *it) {
+    int plen = r->prompt_len[c->prompt];
+    int n_vocab = s->eng.n_vocab;
+    for (int ci = 0; ci < r->n_choices; ci++) {
+        if (r->choices[ci].prompt != c->prompt) continue;
+        if (c->n_cached == 0) request_post_prompt_token(r, ci, c->tokens[0], NAN, 0, NULL, NULL);
+        for (int t = 0; t < it->n_tokens; t++) {
+            int pos = c->n_cached + t + 1;
+            if (pos >= plen) break;
+            const float *lg = it->logits + (size_t)t * (size_t)n_vocab;
+            int n_top = engine_top_logprobs(lg, n_vocab, r->logprobs, s->top_ids, s->top_lps);
+            request_post_prompt_token(r, ci, c->tokens[pos], engine_logprob(lg, n_vocab, c->tokens[pos]), n_top,
+                                      s->top_ids, s->top_lps);
+        }
+        touch(s, r);
+    }
 }
 
 /* The leader of a prompt has just been prefilled: give each waiting sibling
@@ -538,7 +560,8 @@ int sched_iterate(scheduler *s) {
             while (chunk > 0 && s->eng.blocks_needed(s->eng.ctx, c->seq, chunk) > free_b) chunk /= 2;
             if (chunk <= 0) continue;
             s->items[n_items] = (engine_batch_item){.seq = c->seq, .tokens = c->tokens + c->n_cached,
-                                                    .n_tokens = chunk, .prompt = in_prompt};
+                                                    .n_tokens = chunk, .prompt = in_prompt,
+                                                    .all_logits = in_prompt && r->prompt_logprobs && c->n_gen == 0};
             s->item_req[n_items] = r;
             s->item_choice[n_items] = i;
             n_items++;
@@ -586,7 +609,10 @@ int sched_iterate(scheduler *s) {
     for (int k = 0; k < n_items; k++) {
         request *r = s->item_req[k];
         req_choice *c = &r->choices[s->item_choice[k]];
+        if (s->items[k].all_logits) score_prompt(s, r, c, &s->items[k]);
         c->n_cached += s->items[k].n_tokens;
+        if (s->items[k].all_logits) /* sampling below reads the last row */
+            s->items[k].logits += (size_t)(s->items[k].n_tokens - 1) * (size_t)s->eng.n_vocab;
         if (c->n_cached < c->n_tokens) continue;
         int ci = s->item_choice[k];
         if (r->n > 1 && c->n_gen == 0) {
