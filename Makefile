@@ -56,7 +56,7 @@ MODEL      ?= models/sa-tiny-sa-q8_0.gguf
 HOST       ?= 127.0.0.1
 PORT       ?= 8080
 
-.PHONY: all run test unit bench clean deps test-deps config-docs
+.PHONY: all run test unit bench clean deps test-deps node-deps config-docs
 .DEFAULT_GOAL := all
 
 all: deps $(BIN)
@@ -89,6 +89,14 @@ test-deps: deps
 	  else \
 	    echo "note: some tests will skip; to run them: sudo apt-get install -y$$missing"; \
 	  fi; \
+	fi
+
+# The OpenAI SDK for the integration tests (pinned in tests/integration;
+# test-only).  Without npm or the registry the SDK test skips.
+node-deps:
+	@if [ ! -f tests/integration/node_modules/openai/package.json ] && command -v npm >/dev/null; then \
+	  (cd tests/integration && npm ci --no-audit --no-fund --loglevel=error) || \
+	  echo "note: npm ci failed in tests/integration; the OpenAI SDK test will skip"; \
 	fi
 
 # ---- build ---------------------------------------------------------------
@@ -134,7 +142,7 @@ run: all
 
 # Tests find the saserve binary through SASERVE_BIN and the reference models
 # through SASERVE_SHARED (default ../shared; cases skip when it is absent).
-test: deps test-deps $(BIN) $(TEST_BIN)
+test: deps test-deps node-deps $(BIN) $(TEST_BIN)
 	@SASERVE_BIN=$(BIN) $(TEST_BIN)
 
 bench: all

@@ -265,6 +265,63 @@ START_TEST(test_disconnect_frees) {
 }
 END_TEST
 
+/* The API and `saserve run` give the same greedy text. */
+START_TEST(test_api_equals_run) {
+    ck_assert(srv_ok);
+    const char *prompt = "In computer science, a linked list is";
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s run -m %s -p '%s' --temperature 0 -n 24 --ignore-eos 2>/dev/null", saserve_bin(),
+             BUNDLED, prompt);
+    FILE *p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    char run_out[4096];
+    size_t n = fread(run_out, 1, sizeof run_out - 1, p);
+    run_out[n] = 0;
+    ck_assert_int_eq(pclose(p), 0);
+    char body[512];
+    snprintf(body, sizeof body, "{\"prompt\": \"%s\", \"max_tokens\": 24, \"temperature\": 0, \"ignore_eos\": true}",
+             prompt);
+    int st;
+    json_t *j = post_json(srv.port, "/v1/completions", body, &st);
+    ck_assert_int_eq(st, 200);
+    const char *api = json_string_value(json_object_get(json_array_get(json_object_get(j, "choices"), 0), "text"));
+    ck_assert_ptr_nonnull(api);
+    ck_assert(n > 0);
+    ck_assert_str_eq(api, run_out);
+    json_decref(j);
+}
+END_TEST
+
+/* The official OpenAI SDK (npm "openai", pinned in tests/integration). */
+START_TEST(test_openai_sdk) {
+    if (system("node --version >/dev/null 2>&1") != 0) {
+        skip_msg("openai sdk", "node is not installed");
+        return;
+    }
+    if (access("tests/integration/node_modules/openai/package.json", R_OK) != 0) {
+        skip_msg("openai sdk", "tests/integration/node_modules missing (npm ci in tests/integration)");
+        return;
+    }
+    srv_proc p;
+    const char *args[] = {"--model", BUNDLED, "--api-key", "test-key-123", NULL};
+    ck_assert_int_eq(srv_start(&p, args), 0);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "node tests/integration/openai_sdk.mjs http://127.0.0.1:%d/v1 test-key-123 > %s.sdk 2>&1",
+             p.port, p.log_path);
+    int rc = system(cmd);
+    char path[128];
+    snprintf(path, sizeof path, "%s.sdk", p.log_path);
+    char *out = read_file(path, NULL);
+    ck_assert_msg(rc == 0, "openai SDK checks failed:\n%s", out ? out : "(no output)");
+    /* The summary line proves the script ran its checks. */
+    ck_assert_ptr_nonnull(out);
+    ck_assert_ptr_nonnull(strstr(out, " passed, 0 failed"));
+    free(out);
+    unlink(path);
+    ck_assert_int_eq(srv_stop(&p), 0);
+}
+END_TEST
+
 /* ==== Reference: sa-tiny f16 greedy through the API ==================== */
 
 static void setup_ref(void) {
@@ -490,6 +547,12 @@ Suite *server_suite(void) {
     tcase_add_test(tc, test_stop_string);
     tcase_add_test(tc, test_chat_shape);
     tcase_add_test(tc, test_disconnect_frees);
+    tcase_add_test(tc, test_api_equals_run);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("sdk");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_openai_sdk);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("reference");
