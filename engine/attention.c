@@ -51,8 +51,7 @@ static void row_weighted_v(const attn_job *j, const kv_seq *s, int g, const floa
     }
 }
 
-static void attention_worker(void *arg, int ith, int nth) {
-    attn_job *j = arg;
+void attention_rows(attn_job *j, int ith, int nth) {
     int H = j->n_head, hd = j->head_dim, group = j->n_head / j->n_head_kv;
     float scale = 1.0f / sqrtf((float)hd);
     float *scores = j->scores + (size_t)ith * (size_t)j->scores_stride;
@@ -73,5 +72,7 @@ static void attention_worker(void *arg, int ith, int nth) {
         row_weighted_v(j, s, g, p, out, n);
     }
 }
+
+static void attention_worker(void *arg, int ith, int nth) { attention_rows(arg, ith, nth); }
 
 void attention_run(pool *p, attn_job *job) { pool_run(p, attention_worker, job); }

@@ -38,5 +38,7 @@ typedef struct {
 } attn_job;
 
 void attention_run(pool *p, attn_job *job);
+/* This thread's share of the rows (for callers already inside a pool job). */
+void attention_rows(attn_job *job, int ith, int nth);
 
 #endif

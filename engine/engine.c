@@ -52,6 +52,7 @@ struct engine {
     float *probs;  /* [max_T][n_head][n_ctx] when any layer keeps them */
     float *scores; /* [n_threads][n_ctx] */
     float *tile;   /* dequantised weight rows for sgemm */
+    float *xn_t;   /* [n_threads][max_T][n_embd]: per-thread normed rows (fused path) */
     size_t tile_floats;
 
     /* Row bookkeeping for the current step. */
@@ -259,6 +260,7 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
     e->up = xcalloc(T * (size_t)m->n_ff, sizeof(float), &ok);
     e->logits = xcalloc(T * (size_t)m->n_vocab, sizeof(float), &ok);
     e->scores = xcalloc((size_t)p->n_threads * (size_t)e->n_ctx, sizeof(float), &ok);
+    e->xn_t = xcalloc((size_t)p->n_threads * T * (size_t)m->n_embd, sizeof(float), &ok);
     e->row_seq = xcalloc(T, sizeof(int), &ok);
     e->row_pos = xcalloc(T, sizeof(int), &ok);
     e->row_item = xcalloc(T, sizeof(int), &ok);
@@ -343,7 +345,7 @@ void engine_close(engine *e) {
     free(e->shared); free(e->source); free(e->has_k); free(e->keep_probs);
     free(e->rope_cos); free(e->rope_sin);
     free(e->x); free(e->xn); free(e->tmp); free(e->hid); free(e->q); free(e->att); free(e->k); free(e->v);
-    free(e->gate); free(e->up); free(e->logits); free(e->scores); free(e->probs); free(e->tile);
+    free(e->gate); free(e->up); free(e->logits); free(e->scores); free(e->probs); free(e->tile); free(e->xn_t);
     free(e->row_seq); free(e->row_pos); free(e->row_item); free(e->row_tok); free(e->out_row); free(e->item_first);
     free(e);
 }
@@ -587,6 +589,144 @@ static void layer_forward(engine *e, int l, int T, int n_plain, engine_batch_ite
     add_rows(e->x, e->tmp, (size_t)T * (size_t)D);
 }
 
+
+/* ==== Fused path ======================================================= */
+/*
+ * When no row of the step goes through OpenBLAS (decode steps, and prompts
+ * with blas_prompt off), the whole forward pass runs as ONE pool job whose
+ * phases are separated by in-job barriers: five per layer instead of a
+ * dozen job hand-offs, which is what dominates decode of small models.
+ * Each thread normalises all rows privately (cheap: T x n_embd) rather than
+ * waiting for a shared copy.  The kernels and their per-element order are
+ * the unfused path's, so results are bit-identical to it.
+ */
+
+typedef struct {
+    engine *e;
+    int T, n_out;
+} fused_job;
+
+/* [r0, r1) of `rows` for thread ith, in multiples of `align`. */
+static void split_rows(int rows, int align, int ith, int nth, int *r0, int *r1) {
+    int units = (rows + align - 1) / align;
+    int per = (units + nth - 1) / nth;
+    *r0 = ith * per * align;
+    *r1 = (ith + 1) * per * align;
+    if (*r0 > rows) *r0 = rows;
+    if (*r1 > rows) *r1 = rows;
+}
+
+/* y[:, r0:r1] = x W[r0:r1]^T, optionally added into y (residual). */
+static void gemm_part(const wmat *w, const float *x, int T, float *y, int r0, int r1, float *tmp, bool add) {
+    if (r0 >= r1) return;
+    if (!add) {
+        ops.gemm(w->type, w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, (size_t)w->cols, T, y + r0,
+                 (size_t)w->rows, w->cols);
+        return;
+    }
+    /* Compute into tmp with the same layout, then add: the sum is the
+     * unfused path's x + (x W^T), in the same order. */
+    ops.gemm(w->type, w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, x, (size_t)w->cols, T, tmp + r0,
+             (size_t)w->rows, w->cols);
+    for (int t = 0; t < T; t++)
+        for (int r = r0; r < r1; r++) y[(size_t)t * (size_t)w->rows + (size_t)r] += tmp[(size_t)t * (size_t)w->rows + (size_t)r];
+}
+
+static void rope_one(const engine *e, float *v, int pos) {
+    const model *m = &e->m;
+    int half = m->n_rot / 2;
+    const float *c = e->rope_cos + (size_t)pos * (size_t)half, *s = e->rope_sin + (size_t)pos * (size_t)half;
+    if (m->rope == ROPE_NORM) {
+        for (int i = 0; i < half; i++) {
+            float a = v[2 * i], b = v[2 * i + 1];
+            v[2 * i] = a * c[i] - b * s[i];
+            v[2 * i + 1] = a * s[i] + b * c[i];
+        }
+    } else {
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * c[i] - b * s[i];
+            v[i + half] = a * s[i] + b * c[i];
+        }
+    }
+}
+
+static void store_head(engine *e, int l, int r, int g, bool k_too) {
+    kv_cache *c = &e->kv;
+    int hd = e->m.head_dim, G = e->m.n_head_kv;
+    const kv_seq *s = &c->seqs[e->row_seq[r]];
+    const float *vs = e->v + ((size_t)r * (size_t)G + (size_t)g) * (size_t)hd;
+    void *vd = kv_v_at(c, l, s, e->row_pos[r], g);
+    if (c->f16) ops.f32_to_f16_row(vd, vs, hd); else memcpy(vd, vs, (size_t)hd * sizeof(float));
+    if (k_too) {
+        const float *ks = e->k + ((size_t)r * (size_t)G + (size_t)g) * (size_t)hd;
+        void *kd = kv_k_at(c, l, s, e->row_pos[r], g);
+        if (c->f16) ops.f32_to_f16_row(kd, ks, hd); else memcpy(kd, ks, (size_t)hd * sizeof(float));
+    }
+}
+
+static void fused_worker(void *arg, int ith, int nth) {
+    fused_job *j = arg;
+    engine *e = j->e;
+    const model *m = &e->m;
+    int T = j->T, D = m->n_embd, hd = m->head_dim, H = m->n_head, G = m->n_head_kv;
+    float *xn = e->xn_t + (size_t)ith * (size_t)e->max_T * (size_t)D;
+    int r0, r1;
+    for (int l = 0; l < m->n_layer; l++) {
+        const layer_weights *L = &m->layers[l];
+        for (int r = 0; r < T; r++)
+            rmsnorm(xn + (size_t)r * (size_t)D, e->x + (size_t)r * (size_t)D, L->attn_norm, D, m->norm_eps);
+        /* Q, K, V split by heads so each thread ropes and stores its own. */
+        if (!e->shared[l]) {
+            int h0, h1;
+            split_rows(H, 1, ith, nth, &h0, &h1);
+            gemm_part(&L->wq, xn, T, e->q, h0 * hd, h1 * hd, NULL, false);
+            for (int r = 0; r < T; r++)
+                for (int h = h0; h < h1; h++) rope_one(e, e->q + ((size_t)r * (size_t)H + (size_t)h) * (size_t)hd, e->row_pos[r]);
+        }
+        int g0, g1;
+        split_rows(G, 1, ith, nth, &g0, &g1);
+        if (!e->shared[l]) gemm_part(&L->wk, xn, T, e->k, g0 * hd, g1 * hd, NULL, false);
+        gemm_part(&L->wv, xn, T, e->v, g0 * hd, g1 * hd, NULL, false);
+        for (int r = 0; r < T; r++)
+            for (int g = g0; g < g1; g++) {
+                if (!e->shared[l]) rope_one(e, e->k + ((size_t)r * (size_t)G + (size_t)g) * (size_t)hd, e->row_pos[r]);
+                store_head(e, l, r, g, !e->shared[l]);
+            }
+        pool_barrier(e->pool);
+        attn_job aj = {
+            .kv = &e->kv, .layer = l, .shared = e->shared[l], .store_probs = e->keep_probs[l], .n_rows = T,
+            .row_seq = e->row_seq, .row_pos = e->row_pos, .n_head = H, .n_head_kv = G, .head_dim = hd, .q = e->q,
+            .out = e->att, .probs = e->probs, .probs_stride = e->n_ctx, .scores = e->scores, .scores_stride = e->n_ctx,
+        };
+        attention_rows(&aj, ith, nth);
+        pool_barrier(e->pool);
+        split_rows(D, 16, ith, nth, &r0, &r1);
+        gemm_part(&L->wo, e->att, T, e->x, r0, r1, e->tmp, true);
+        pool_barrier(e->pool);
+        for (int r = 0; r < T; r++)
+            rmsnorm(xn + (size_t)r * (size_t)D, e->x + (size_t)r * (size_t)D, L->ffn_norm, D, m->norm_eps);
+        split_rows(m->n_ff, 16, ith, nth, &r0, &r1);
+        gemm_part(&L->w_gate, xn, T, e->gate, r0, r1, NULL, false);
+        gemm_part(&L->w_up, xn, T, e->up, r0, r1, NULL, false);
+        for (int t = 0; t < T; t++)
+            for (int r = r0; r < r1; r++) {
+                size_t i = (size_t)t * (size_t)m->n_ff + (size_t)r;
+                e->gate[i] = silu(e->gate[i]) * e->up[i];
+            }
+        pool_barrier(e->pool);
+        split_rows(D, 16, ith, nth, &r0, &r1);
+        gemm_part(&L->w_down, e->gate, T, e->x, r0, r1, e->tmp, true);
+        pool_barrier(e->pool);
+    }
+    /* Output rows (e->out_row) through the final norm, then the logits. */
+    for (int o = ith; o < j->n_out; o += nth)
+        rmsnorm(e->hid + (size_t)o * (size_t)D, e->x + (size_t)e->out_row[o] * (size_t)D, m->output_norm, D, m->norm_eps);
+    pool_barrier(e->pool);
+    split_rows(m->n_vocab, 16, ith, nth, &r0, &r1);
+    gemm_part(&m->output, e->hid, j->n_out, e->logits, r0, r1, NULL, false);
+}
+
 /* Work a shared layer skips for one token at context length ctx: the Q and K
  * projections (2 flops per weight), QK^T (2 * d_head per position and head)
  * and the softmax (about 5 flops per position and head). */
@@ -642,7 +782,6 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
     for (r = 0; r < T; r++)
         ops.dequant_row(m->tok_embd.type, m->tok_embd.data + (size_t)e->row_tok[r] * m->tok_embd.row_bytes,
                         e->x + (size_t)r * (size_t)D, D);
-    for (int l = 0; l < m->n_layer; l++) layer_forward(e, l, T, n_plain, items, n_items);
 
     /* Logits only for the rows that want them, in item order. */
     int o = 0, o_plain = 0;
@@ -654,14 +793,21 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
             int first = e->item_first[i];
             int from = it->all_logits ? first : first + it->n_tokens - 1;
             it->logits = e->logits + (size_t)o * (size_t)m->n_vocab;
-            for (int rr = from; rr < first + it->n_tokens; rr++, o++) {
-                e->out_row[o] = rr;
-                rmsnorm(e->hid + (size_t)o * (size_t)D, e->x + (size_t)rr * (size_t)D, m->output_norm, D, m->norm_eps);
-            }
+            for (int rr = from; rr < first + it->n_tokens; rr++, o++) e->out_row[o] = rr;
         }
         if (pass == 0) o_plain = o;
     }
-    matmul(e, &m->output, e->hid, n_out, o_plain, e->logits);
+
+    if (n_plain == T && !e->observer) {
+        fused_job fj = {e, T, n_out};
+        pool_run(e->pool, fused_worker, &fj);
+    } else {
+        for (int l = 0; l < m->n_layer; l++) layer_forward(e, l, T, n_plain, items, n_items);
+        for (o = 0; o < n_out; o++)
+            rmsnorm(e->hid + (size_t)o * (size_t)D, e->x + (size_t)e->out_row[o] * (size_t)D, m->output_norm, D,
+                    m->norm_eps);
+        matmul(e, &m->output, e->hid, n_out, o_plain, e->logits);
+    }
 
     for (int i = 0; i < n_items; i++) {
         kv_seq *s = &e->kv.seqs[items[i].seq];

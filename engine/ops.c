@@ -111,6 +111,10 @@ static float dot_f32_scalar(const float *a, const float *b, int n) {
 
 static void gemm_scalar(uint32_t type, const void *w, size_t rb, int rows, const float *x, size_t ldx, int T,
                         float *y, size_t ldy, int n) {
+    if (type == GGML_Q8_0) {
+        gemm_q8_0(w, rb, rows, x, ldx, T, y, ldy, n);
+        return;
+    }
     float tmp[n];
     for (int r = 0; r < rows; r++) {
         dequant_row_scalar(type, (const uint8_t *)w + (size_t)r * rb, tmp, n);
@@ -188,18 +192,18 @@ AVX2_ATTR static void dequant_row_avx2(uint32_t type, const void *row, float *ds
     AVX2_ATTR static inline void NAME(uint32_t type, const uint8_t *w, size_t rb, const float *x, size_t ldx, \
                                       float *y, size_t ldy, int n) {                                     \
         __m256 acc[RB][TB];                                                                              \
-        for (int i = 0; i < RB; i++)                                                                     \
-            for (int t = 0; t < TB; t++) acc[i][t] = _mm256_setzero_ps();                                \
+        _Pragma("GCC unroll 16") for (int i = 0; i < RB; i++)                                            \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) acc[i][t] = _mm256_setzero_ps();       \
         for (int k = 0; k < n; k += 8) {                                                                 \
             __m256 xv[TB];                                                                               \
-            for (int t = 0; t < TB; t++) xv[t] = _mm256_loadu_ps(x + (size_t)t * ldx + k);               \
-            for (int i = 0; i < RB; i++) {                                                               \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) xv[t] = _mm256_loadu_ps(x + (size_t)t * ldx + k); \
+            _Pragma("GCC unroll 16") for (int i = 0; i < RB; i++) {                                      \
                 __m256 wv = load8_avx2(type, w + (size_t)i * rb, k);                                     \
-                for (int t = 0; t < TB; t++) acc[i][t] = _mm256_fmadd_ps(wv, xv[t], acc[i][t]);          \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) acc[i][t] = _mm256_fmadd_ps(wv, xv[t], acc[i][t]); \
             }                                                                                            \
         }                                                                                                \
-        for (int i = 0; i < RB; i++)                                                                     \
-            for (int t = 0; t < TB; t++) y[(size_t)t * ldy + i] = hsum256(acc[i][t]);                    \
+        _Pragma("GCC unroll 16") for (int i = 0; i < RB; i++)                                            \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) y[(size_t)t * ldy + i] = hsum256(acc[i][t]); \
     }
 
 GEMM_TILE_AVX2(tile_avx2_2x4, 2, 4)
@@ -212,6 +216,10 @@ static void gemm_scalar(uint32_t type, const void *w, size_t rb, int rows, const
 
 AVX2_ATTR static void gemm_avx2(uint32_t type, const void *w, size_t rb, int rows, const float *x, size_t ldx,
                                 int T, float *y, size_t ldy, int n) {
+    if (type == GGML_Q8_0) {
+        gemm_q8_0(w, rb, rows, x, ldx, T, y, ldy, n);
+        return;
+    }
     if (n % 8) {
         gemm_scalar(type, w, rb, rows, x, ldx, T, y, ldy, n);
         return;
@@ -316,18 +324,18 @@ AVX512_ATTR static void dequant_row_avx512(uint32_t type, const void *row, float
     AVX512_ATTR static inline void NAME(const uint8_t *w, size_t rb, const float *x, size_t ldx, float *y, \
                                         size_t ldy, int n) {                                             \
         __m512 acc[RB][TB];                                                                              \
-        for (int i = 0; i < RB; i++)                                                                     \
-            for (int t = 0; t < TB; t++) acc[i][t] = _mm512_setzero_ps();                                \
+        _Pragma("GCC unroll 16") for (int i = 0; i < RB; i++)                                            \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) acc[i][t] = _mm512_setzero_ps();       \
         for (int k = 0; k < n; k += 16) {                                                                \
             __m512 xv[TB];                                                                               \
-            for (int t = 0; t < TB; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * ldx + k);               \
-            for (int i = 0; i < RB; i++) {                                                               \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * ldx + k); \
+            _Pragma("GCC unroll 16") for (int i = 0; i < RB; i++) {                                      \
                 __m512 wv = load16_avx512(TYPE, w + (size_t)i * rb, k);                                  \
-                for (int t = 0; t < TB; t++) acc[i][t] = _mm512_fmadd_ps(wv, xv[t], acc[i][t]);          \
+                _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) acc[i][t] = _mm512_fmadd_ps(wv, xv[t], acc[i][t]); \
             }                                                                                            \
         }                                                                                                \
-        for (int i = 0; i < RB; i++)                                                                     \
-            for (int t = 0; t < TB; t++) y[(size_t)t * ldy + i] = _mm512_reduce_add_ps(acc[i][t]);       \
+        _Pragma("GCC unroll 16") for (int i = 0; i < RB; i++)                                            \
+            _Pragma("GCC unroll 16") for (int t = 0; t < TB; t++) y[(size_t)t * ldy + i] = _mm512_reduce_add_ps(acc[i][t]); \
     }
 
 #define GEMM_512(SUFFIX, TYPE)                                                                           \
@@ -357,7 +365,6 @@ AVX512_ATTR static void dequant_row_avx512(uint32_t type, const void *row, float
 GEMM_512(f32, GGML_F32)
 GEMM_512(f16, GGML_F16)
 GEMM_512(bf16, GGML_BF16)
-GEMM_512(q8_0, GGML_Q8_0)
 
 AVX512_ATTR static void gemm_avx512(uint32_t type, const void *w, size_t rb, int rows, const float *x, size_t ldx,
                                     int T, float *y, size_t ldy, int n) {
@@ -369,7 +376,7 @@ AVX512_ATTR static void gemm_avx512(uint32_t type, const void *w, size_t rb, int
     case GGML_F32: gemm512_f32(w, rb, rows, x, ldx, T, y, ldy, n); break;
     case GGML_F16: gemm512_f16(w, rb, rows, x, ldx, T, y, ldy, n); break;
     case GGML_BF16: gemm512_bf16(w, rb, rows, x, ldx, T, y, ldy, n); break;
-    case GGML_Q8_0: gemm512_q8_0(w, rb, rows, x, ldx, T, y, ldy, n); break;
+    case GGML_Q8_0: gemm_q8_0(w, rb, rows, x, ldx, T, y, ldy, n); break;
     }
 }
 
@@ -432,6 +439,7 @@ const char *ops_init(const char *family) {
     /* Never select more than the CPU has. */
     if (strcmp(family, "avx512") == 0 && strcmp(best, "avx512") != 0) family = best;
     if (strcmp(family, "avx2") == 0 && strcmp(best, "scalar") == 0) family = best;
+    ops_q8_init(family);
     if (strcmp(family, "avx512") == 0) {
         ops = (ops_table){gemm_avx512, dequant_row_avx512, dot_f32_avx512, dot_f32_f16_avx512,
                           axpy_f32_avx512, axpy_f16_avx512, f32_to_f16_row_avx512};

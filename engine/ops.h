@@ -46,6 +46,11 @@ extern ops_table ops;
  * for the best available.  Returns the family chosen. */
 const char *ops_init(const char *family);
 
+/* Q8_0 weights times activations quantised to 8 bits per block of 32
+ * (ops_q8.c); what ops.gemm uses for Q8_0.  ops_q8_init picks the kernel. */
+void ops_q8_init(const char *family);
+void gemm_q8_0(const void *w, size_t rb, int rows, const float *x, size_t ldx, int T, float *y, size_t ldy, int n);
+
 /* True when gemm/dequant_row handle this tensor type. */
 int ops_type_supported(uint32_t type);
 

@@ -1,31 +1,38 @@
 /*
  * pool.c - persistent worker threads; see pool.h.
  *
- * A job is published by bumping an atomic generation counter.  Workers watch
- * it: first by spinning (a job usually follows within microseconds), then by
- * sleeping on a condition variable.  Completion is an atomic count the caller
- * spins on; the caller works on its own share meanwhile.
+ * Every wait (for a job, for the job's end, at a barrier) spins briefly and
+ * then sleeps on a futex.  Spinning alone is fastest on an idle machine but
+ * disastrous on a busy one: a thread that spins while the thread it waits for
+ * is descheduled burns its whole time slice.  The futex word is always the
+ * counter being waited on, and a waiter announces itself before sleeping so
+ * the releasing side only pays for a wake-up system call when someone sleeps.
  */
 #include "pool.h"
 
+#include <linux/futex.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
-#define SPIN_ITERS 20000
+/* About 10-50 microseconds of spinning before going to sleep. */
+#define SPIN_ITERS 2000
 
 struct pool {
     int n;
     pthread_t *threads;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    atomic_uint gen;
-    atomic_int pending;
-    atomic_int sleepers;
+    atomic_uint gen;      /* job generation: bumped to publish a job */
+    atomic_uint done;     /* workers finished with the current job */
+    atomic_int sleepers;  /* threads asleep on gen, done or bar_gen */
     atomic_bool stop;
     pool_fn fn;
     void *arg;
+    atomic_uint bar_count; /* arrivals at the current barrier */
+    atomic_uint bar_gen;   /* barrier generation */
 };
 
 typedef struct {
@@ -39,6 +46,31 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+static void futex_wait(atomic_uint *addr, unsigned val) {
+    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+}
+
+static void futex_wake_all(atomic_uint *addr) {
+    syscall(SYS_futex, (unsigned *)addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Waits until *addr != val.  seq_cst throughout: the waiter's sleepers++
+ * and the releaser's store-then-load of sleepers pair up (Dekker), so a wake
+ * is never lost. */
+static void wait_change(pool *p, atomic_uint *addr, unsigned val) {
+    for (int i = 0; i < SPIN_ITERS; i++) {
+        if (atomic_load(addr) != val) return;
+        cpu_relax();
+    }
+    atomic_fetch_add(&p->sleepers, 1);
+    while (atomic_load(addr) == val) futex_wait(addr, val);
+    atomic_fetch_sub(&p->sleepers, 1);
+}
+
+static void wake(pool *p, atomic_uint *addr) {
+    if (atomic_load(&p->sleepers) > 0) futex_wake_all(addr);
+}
+
 static void *worker(void *v) {
     worker_arg *wa = v;
     pool *p = wa->p;
@@ -48,25 +80,12 @@ static void *worker(void *v) {
      * going would then look already done. */
     unsigned seen = 0;
     for (;;) {
-        unsigned g;
-        int spins = 0;
-        while ((g = atomic_load_explicit(&p->gen, memory_order_acquire)) == seen) {
-            if (atomic_load(&p->stop)) return NULL;
-            if (++spins < SPIN_ITERS) {
-                cpu_relax();
-                continue;
-            }
-            pthread_mutex_lock(&p->mu);
-            atomic_fetch_add(&p->sleepers, 1);
-            while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
-            atomic_fetch_sub(&p->sleepers, 1);
-            pthread_mutex_unlock(&p->mu);
-            spins = 0;
-        }
+        wait_change(p, &p->gen, seen);
+        seen = atomic_load(&p->gen);
         if (atomic_load(&p->stop)) return NULL;
-        seen = g;
         p->fn(p->arg, ith, p->n);
-        atomic_fetch_sub_explicit(&p->pending, 1, memory_order_release);
+        atomic_fetch_add(&p->done, 1);
+        wake(p, &p->done);
     }
 }
 
@@ -75,12 +94,6 @@ pool *pool_create(int n_threads) {
     pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     p->n = n_threads;
-    pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->cv, NULL);
-    atomic_init(&p->gen, 0);
-    atomic_init(&p->pending, 0);
-    atomic_init(&p->sleepers, 0);
-    atomic_init(&p->stop, false);
     p->threads = calloc((size_t)n_threads, sizeof(pthread_t));
     if (!p->threads) {
         free(p);
@@ -112,26 +125,31 @@ void pool_run(pool *p, pool_fn fn, void *arg) {
     }
     p->fn = fn;
     p->arg = arg;
-    atomic_store(&p->pending, p->n - 1);
-    atomic_fetch_add(&p->gen, 1); /* seq_cst: pairs with the sleepers check */
-    if (atomic_load(&p->sleepers) > 0) {
-        pthread_mutex_lock(&p->mu);
-        pthread_cond_broadcast(&p->cv);
-        pthread_mutex_unlock(&p->mu);
-    }
+    atomic_store(&p->done, 0);
+    atomic_fetch_add(&p->gen, 1);
+    wake(p, &p->gen);
     fn(arg, 0, p->n);
-    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) cpu_relax();
+    for (unsigned d; (d = atomic_load(&p->done)) != (unsigned)(p->n - 1);) wait_change(p, &p->done, d);
+}
+
+void pool_barrier(pool *p) {
+    if (p->n == 1) return;
+    unsigned gen = atomic_load(&p->bar_gen);
+    if (atomic_fetch_add(&p->bar_count, 1) == (unsigned)(p->n - 1)) {
+        atomic_store(&p->bar_count, 0);
+        atomic_fetch_add(&p->bar_gen, 1);
+        wake(p, &p->bar_gen);
+        return;
+    }
+    wait_change(p, &p->bar_gen, gen);
 }
 
 void pool_destroy(pool *p) {
     if (!p) return;
-    pthread_mutex_lock(&p->mu);
     atomic_store(&p->stop, true);
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
+    atomic_fetch_add(&p->gen, 1);
+    futex_wake_all(&p->gen);
     for (int i = 1; i < p->n; i++) pthread_join(p->threads[i], NULL);
-    pthread_mutex_destroy(&p->mu);
-    pthread_cond_destroy(&p->cv);
     free(p->threads);
     free(p);
 }

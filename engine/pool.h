@@ -17,5 +17,9 @@ pool *pool_create(int n_threads);
 void pool_destroy(pool *p);
 int pool_size(const pool *p);
 void pool_run(pool *p, pool_fn fn, void *arg);
+/* Inside a job: waits until all threads of the pool have arrived.  Every
+ * thread must call it the same number of times.  It spins: meant for the
+ * short phases of one forward step. */
+void pool_barrier(pool *p);
 
 #endif
