@@ -21,14 +21,7 @@ static void row_scores(const attn_job *j, const kv_seq *s, int g, const float *q
     size_t step = (size_t)c->n_head_kv * (size_t)hd; /* elements between positions of one block */
     for (int p0 = 0; p0 < n; p0 += bt) {
         int m = n - p0 < bt ? n - p0 : bt;
-        const uint8_t *k = kv_k_at(c, j->layer, s, p0, g);
-        if (c->f16) {
-            const uint16_t *kk = (const uint16_t *)k;
-            for (int i = 0; i < m; i++) out[p0 + i] = ops.dot_f32_f16(q, kk + (size_t)i * step, hd) * scale;
-        } else {
-            const float *kk = (const float *)k;
-            for (int i = 0; i < m; i++) out[p0 + i] = ops.dot_f32(q, kk + (size_t)i * step, hd) * scale;
-        }
+        ops.kv_dots(q, kv_k_at(c, j->layer, s, p0, g), step, m, hd, c->f16, scale, out + p0);
     }
 }
 
@@ -40,14 +33,7 @@ static void row_weighted_v(const attn_job *j, const kv_seq *s, int g, const floa
     memset(out, 0, (size_t)hd * sizeof(float));
     for (int p0 = 0; p0 < n; p0 += bt) {
         int m = n - p0 < bt ? n - p0 : bt;
-        const uint8_t *v = kv_v_at(c, j->layer, s, p0, g);
-        if (c->f16) {
-            const uint16_t *vv = (const uint16_t *)v;
-            for (int i = 0; i < m; i++) ops.axpy_f16(out, p[p0 + i], vv + (size_t)i * step, hd);
-        } else {
-            const float *vv = (const float *)v;
-            for (int i = 0; i < m; i++) ops.axpy_f32(out, p[p0 + i], vv + (size_t)i * step, hd);
-        }
+        ops.kv_accum(out, p + p0, kv_v_at(c, j->layer, s, p0, g), step, m, hd, c->f16);
     }
 }
 

@@ -136,6 +136,20 @@ static void axpy_f16_scalar(float *y, float a, const uint16_t *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * f16_to_f32(x[i]);
 }
 
+static void kv_dots_scalar(const float *q, const void *k, size_t step, int m, int hd, bool f16, float scale,
+                           float *out) {
+    for (int i = 0; i < m; i++)
+        out[i] = (f16 ? dot_f32_f16_scalar(q, (const uint16_t *)k + (size_t)i * step, hd)
+                      : dot_f32_scalar(q, (const float *)k + (size_t)i * step, hd)) * scale;
+}
+
+static void kv_accum_scalar(float *out, const float *p, const void *v, size_t step, int m, int hd, bool f16) {
+    for (int i = 0; i < m; i++) {
+        if (f16) axpy_f16_scalar(out, p[i], (const uint16_t *)v + (size_t)i * step, hd);
+        else axpy_f32_scalar(out, p[i], (const float *)v + (size_t)i * step, hd);
+    }
+}
+
 static void f32_to_f16_row_scalar(uint16_t *dst, const float *src, int n) {
     for (int i = 0; i < n; i++) dst[i] = f32_to_f16(src[i]);
 }
@@ -289,6 +303,39 @@ AVX2_ATTR static void f32_to_f16_row_avx2(uint16_t *dst, const float *src, int n
     for (; k < n; k++) dst[k] = f32_to_f16(src[k]);
 }
 
+
+AVX2_ATTR static inline __m256 kv_load8(const void *base, size_t off, bool f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + off)))
+               : _mm256_loadu_ps((const float *)base + off);
+}
+
+AVX2_ATTR static void kv_dots_avx2(const float *q, const void *k, size_t step, int m, int hd, bool f16, float scale,
+                                   float *out) {
+    if (hd % 8) {
+        kv_dots_scalar(q, k, step, m, hd, f16, scale, out);
+        return;
+    }
+    for (int i = 0; i < m; i++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int c = 0; c < hd; c += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), kv_load8(k, (size_t)i * step + (size_t)c, f16), acc);
+        out[i] = hsum256(acc) * scale;
+    }
+}
+
+AVX2_ATTR static void kv_accum_avx2(float *out, const float *p, const void *v, size_t step, int m, int hd, bool f16) {
+    if (hd % 8) {
+        kv_accum_scalar(out, p, v, step, m, hd, f16);
+        return;
+    }
+    for (int c = 0; c < hd; c += 8) {
+        __m256 acc = _mm256_loadu_ps(out + c);
+        for (int i = 0; i < m; i++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), kv_load8(v, (size_t)i * step + (size_t)c, f16), acc);
+        _mm256_storeu_ps(out + c, acc);
+    }
+}
+
 /* ==== AVX-512 ========================================================== */
 
 #define AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
@@ -427,6 +474,47 @@ AVX512_ATTR static void f32_to_f16_row_avx512(uint16_t *dst, const float *src, i
     for (; k < n; k++) dst[k] = f32_to_f16(src[k]);
 }
 
+
+/* Attention over one block of cached positions: q stays in registers. */
+#define KV_MAX_CHUNKS 16 /* head_dim up to 256 */
+
+AVX512_ATTR static inline __m512 kv_load16(const void *base, size_t off, bool f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + off)))
+               : _mm512_loadu_ps((const float *)base + off);
+}
+
+AVX512_ATTR static void kv_dots_avx512(const float *q, const void *k, size_t step, int m, int hd, bool f16,
+                                       float scale, float *out) {
+    int nc = hd / 16;
+    if (hd % 16 || nc > KV_MAX_CHUNKS) {
+        kv_dots_scalar(q, k, step, m, hd, f16, scale, out);
+        return;
+    }
+    __m512 qv[KV_MAX_CHUNKS];
+    for (int c = 0; c < nc; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    for (int i = 0; i < m; i++) {
+        __m512 acc = _mm512_mul_ps(qv[0], kv_load16(k, (size_t)i * step, f16));
+        for (int c = 1; c < nc; c++) acc = _mm512_fmadd_ps(qv[c], kv_load16(k, (size_t)i * step + 16 * (size_t)c, f16), acc);
+        out[i] = _mm512_reduce_add_ps(acc) * scale;
+    }
+}
+
+AVX512_ATTR static void kv_accum_avx512(float *out, const float *p, const void *v, size_t step, int m, int hd,
+                                        bool f16) {
+    int nc = hd / 16;
+    if (hd % 16 || nc > KV_MAX_CHUNKS) {
+        kv_accum_scalar(out, p, v, step, m, hd, f16);
+        return;
+    }
+    __m512 acc[KV_MAX_CHUNKS];
+    for (int c = 0; c < nc; c++) acc[c] = _mm512_loadu_ps(out + 16 * c);
+    for (int i = 0; i < m; i++) {
+        __m512 pi = _mm512_set1_ps(p[i]);
+        for (int c = 0; c < nc; c++) acc[c] = _mm512_fmadd_ps(pi, kv_load16(v, (size_t)i * step + 16 * (size_t)c, f16), acc[c]);
+    }
+    for (int c = 0; c < nc; c++) _mm512_storeu_ps(out + 16 * c, acc[c]);
+}
+
 /* ==== Dispatch ========================================================= */
 
 int ops_type_supported(uint32_t type) {
@@ -441,17 +529,20 @@ const char *ops_init(const char *family) {
     if (strcmp(family, "avx2") == 0 && strcmp(best, "scalar") == 0) family = best;
     ops_q8_init(family);
     if (strcmp(family, "avx512") == 0) {
-        ops = (ops_table){gemm_avx512, dequant_row_avx512, dot_f32_avx512, dot_f32_f16_avx512,
-                          axpy_f32_avx512, axpy_f16_avx512, f32_to_f16_row_avx512};
+        ops = (ops_table){gemm_avx512,     dequant_row_avx512,    dot_f32_avx512, dot_f32_f16_avx512,
+                          axpy_f32_avx512, axpy_f16_avx512,       f32_to_f16_row_avx512, kv_dots_avx512,
+                          kv_accum_avx512};
         return "avx512";
     }
     if (strcmp(family, "avx2") == 0) {
-        ops = (ops_table){gemm_avx2, dequant_row_avx2, dot_f32_avx2, dot_f32_f16_avx2,
-                          axpy_f32_avx2, axpy_f16_avx2, f32_to_f16_row_avx2};
+        ops = (ops_table){gemm_avx2,     dequant_row_avx2,    dot_f32_avx2, dot_f32_f16_avx2,
+                          axpy_f32_avx2, axpy_f16_avx2,       f32_to_f16_row_avx2, kv_dots_avx2,
+                          kv_accum_avx2};
         return "avx2";
     }
-    ops = (ops_table){gemm_scalar, dequant_row_scalar, dot_f32_scalar, dot_f32_f16_scalar,
-                      axpy_f32_scalar, axpy_f16_scalar, f32_to_f16_row_scalar};
+    ops = (ops_table){gemm_scalar,     dequant_row_scalar,    dot_f32_scalar, dot_f32_f16_scalar,
+                      axpy_f32_scalar, axpy_f16_scalar,       f32_to_f16_row_scalar, kv_dots_scalar,
+                      kv_accum_scalar};
     return "scalar";
 }
 

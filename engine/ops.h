@@ -10,6 +10,7 @@
 #ifndef SASERVE_OPS_H
 #define SASERVE_OPS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -38,6 +39,10 @@ typedef struct {
     void (*axpy_f32)(float *y, float a, const float *x, int n);
     void (*axpy_f16)(float *y, float a, const uint16_t *x, int n);
     void (*f32_to_f16_row)(uint16_t *dst, const float *src, int n);
+    /* Attention over m cached positions `step` elements apart (f16 or f32):
+     * out[i] = scale * q . k_i, and out += sum_i p[i] v_i. */
+    void (*kv_dots)(const float *q, const void *k, size_t step, int m, int hd, bool f16, float scale, float *out);
+    void (*kv_accum)(float *out, const float *p, const void *v, size_t step, int m, int hd, bool f16);
 } ops_table;
 
 extern ops_table ops;
