@@ -91,6 +91,7 @@ int chat_render(const char *family, const chat_message *msgs, int n, buf *text, 
         bool llama2 = !strcmp(family, "llama2");
         const chat_message *sys = NULL;
         bool first_user = true;
+        if (!llama2) T(&b, "<s>"); /* Mistral: one BOS for the conversation */
         for (int i = 0; i < n; i++) {
             const chat_message *m = &msgs[i];
             if (is(m, "system")) {
@@ -98,7 +99,7 @@ int chat_render(const char *family, const chat_message *msgs, int n, buf *text, 
                 continue;
             }
             if (is(m, "user")) {
-                T(&b, "<s>");
+                if (llama2) T(&b, "<s>"); /* Llama 2: a BOS per turn */
                 T(&b, "[INST] ");
                 if (sys && first_user) {
                     if (llama2) {
@@ -113,8 +114,11 @@ int chat_render(const char *family, const chat_message *msgs, int n, buf *text, 
                 first_user = false;
                 C(&b, m);
                 T(&b, " [/INST]");
-            } else {
+            } else if (llama2) {
                 T(&b, " ");
+                C(&b, m);
+                T(&b, " </s>");
+            } else {
                 C(&b, m);
                 T(&b, "</s>");
             }
