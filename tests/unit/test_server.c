@@ -265,6 +265,47 @@ START_TEST(test_disconnect_frees) {
 }
 END_TEST
 
+START_TEST(test_tokenize_detokenize) {
+    ck_assert(srv_ok);
+    int st;
+    json_t *j = post_json(srv.port, "/tokenize", "{\"content\": \"Hello world\"}", &st);
+    ck_assert_int_eq(st, 200);
+    /* sa-tiny's vocabulary: "Hello world" -> 534 5072 3058 (no BOS by default). */
+    json_t *t = json_object_get(j, "tokens");
+    ck_assert_int_eq(json_array_size(t), 3);
+    ck_assert_int_eq(json_integer_value(json_array_get(t, 0)), 534);
+    ck_assert_int_eq(json_integer_value(json_array_get(t, 2)), 3058);
+    json_decref(j);
+    j = post_json(srv.port, "/tokenize", "{\"content\": \"Hello\", \"add_special\": true, \"with_pieces\": true}", &st);
+    t = json_object_get(j, "tokens");
+    ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(t, 0), "id")), 1);
+    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(t, 2), "piece")), "ello");
+    json_decref(j);
+    j = post_json(srv.port, "/detokenize", "{\"tokens\": [534, 5072, 3058]}", &st);
+    ck_assert_int_eq(st, 200);
+    ck_assert_str_eq(json_string_value(json_object_get(j, "content")), " Hello world");
+    json_decref(j);
+    j = post_json(srv.port, "/detokenize", "{\"tokens\": [-1]}", &st);
+    ck_assert_int_eq(st, 400);
+    json_decref(j);
+}
+END_TEST
+
+/* Invalid UTF-8 in a request body is a 400, not a crash. */
+START_TEST(test_invalid_utf8) {
+    ck_assert(srv_ok);
+    int st;
+    json_t *j = post_json(srv.port, "/v1/completions", "{\"prompt\": \"bad \xff\xfe byte\"}", &st);
+    ck_assert_int_eq(st, 400);
+    ck_assert(json_is_object(json_object_get(j, "error")));
+    json_decref(j);
+    /* A lone surrogate escape. */
+    j = post_json(srv.port, "/v1/completions", "{\"prompt\": \"x \\ud800 y\"}", &st);
+    ck_assert_int_eq(st, 400);
+    json_decref(j);
+}
+END_TEST
+
 /* The API and `saserve run` give the same greedy text. */
 START_TEST(test_api_equals_run) {
     ck_assert(srv_ok);
@@ -319,6 +360,64 @@ START_TEST(test_openai_sdk) {
     free(out);
     unlink(path);
     ck_assert_int_eq(srv_stop(&p), 0);
+}
+END_TEST
+
+/* API keys (constant-time compare; /health exempt), CORS, body limit. */
+START_TEST(test_access) {
+    srv_proc p;
+    const char *args[] = {"--model", BUNDLED, "--api-key", "k1", "--cors-origins", "https://a.example, https://b.example",
+                          "--max-body-bytes", "2K", NULL};
+    ck_assert_int_eq(srv_start(&p, args), 0);
+    http_resp r;
+    const char *body = "{\"prompt\": \"x\", \"max_tokens\": 1}";
+    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", NULL, body, &r), 0);
+    ck_assert_int_eq(r.status, 401);
+    ck_assert_ptr_nonnull(strstr(r.body, "\"invalid_api_key\""));
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", "Authorization: Bearer k2\r\n", body, &r), 0);
+    ck_assert_int_eq(r.status, 401);
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", "Authorization: Bearer k1\r\n", body, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(p.port, "GET", "/health", NULL, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(p.port, "GET", "/metrics", NULL, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    http_resp_free(&r);
+    /* CORS: a listed origin is echoed, others get no header; preflight. */
+    ck_assert_int_eq(http_do(p.port, "OPTIONS", "/v1/completions", "Origin: https://b.example\r\n", NULL, &r), 0);
+    ck_assert_int_eq(r.status, 204);
+    char h[128];
+    ck_assert(http_header(&r, "Access-Control-Allow-Origin", h, sizeof h));
+    ck_assert_str_eq(h, "https://b.example");
+    ck_assert(http_header(&r, "Access-Control-Allow-Methods", h, sizeof h));
+    ck_assert(http_header(&r, "Access-Control-Allow-Headers", h, sizeof h));
+    ck_assert_ptr_nonnull(strstr(h, "Authorization"));
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(p.port, "GET", "/health", "Origin: https://evil.example\r\n", NULL, &r), 0);
+    ck_assert(!http_header(&r, "Access-Control-Allow-Origin", h, sizeof h));
+    http_resp_free(&r);
+    /* Body over 2 KiB: 413. */
+    char *big = malloc(4096);
+    memset(big, 'a', 4095);
+    big[4095] = 0;
+    memcpy(big, "{\"prompt\": \"", 12);
+    memcpy(big + 4093, "\"}", 2);
+    ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", "Authorization: Bearer k1\r\n", big, &r), 0);
+    ck_assert_int_eq(r.status, 413);
+    ck_assert_ptr_nonnull(strstr(r.body, "\"error\""));
+    http_resp_free(&r);
+    free(big);
+    ck_assert_int_eq(srv_stop(&p), 0);
+    /* The key never appears in the log. */
+    char *log = srv_log(&p);
+    ck_assert_ptr_nonnull(log);
+    ck_assert_ptr_null(strstr(log, "k1\n"));
+    ck_assert_ptr_null(strstr(log, "Bearer"));
+    free(log);
 }
 END_TEST
 
@@ -548,6 +647,13 @@ Suite *server_suite(void) {
     tcase_add_test(tc, test_chat_shape);
     tcase_add_test(tc, test_disconnect_frees);
     tcase_add_test(tc, test_api_equals_run);
+    tcase_add_test(tc, test_tokenize_detokenize);
+    tcase_add_test(tc, test_invalid_utf8);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("access");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_access);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("sdk");
