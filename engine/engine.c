@@ -238,6 +238,8 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
     if (!ok) goto oom;
     for (int i = 0; i < half; i++) {
         float inv = 1.0f / powf(m->rope_base, (float)(2 * i) / (float)m->n_rot);
+        if (m->rope_freqs) inv /= m->rope_freqs[i];
+        if (m->rope_linear > 1.0f) inv /= m->rope_linear;
         for (int pos = 0; pos < e->n_ctx; pos++) {
             float ang = (float)pos * inv;
             e->rope_cos[(size_t)pos * (size_t)half + (size_t)i] = (float)cos((double)ang);
@@ -522,6 +524,23 @@ static void rope_rows(engine *e, float *x, int T, int n_heads) {
     }
 }
 
+static void add_bias(const engine *e, const float *b, float *x, int r, int h, int n_heads) {
+    int hd = e->m.head_dim;
+    float *v = x + ((size_t)r * (size_t)n_heads + (size_t)h) * (size_t)hd;
+    const float *bb = b + (size_t)h * (size_t)hd;
+    for (int i = 0; i < hd; i++) v[i] += bb[i];
+}
+
+/* Q or K head h of row r before RoPE: Qwen2's bias, Qwen3's per-head norm. */
+static void qk_prep(const engine *e, const float *bias, const float *norm, float *x, int r, int h, int n_heads) {
+    if (bias) add_bias(e, bias, x, r, h, n_heads);
+    if (norm) {
+        int hd = e->m.head_dim;
+        float *v = x + ((size_t)r * (size_t)n_heads + (size_t)h) * (size_t)hd;
+        rmsnorm(v, v, norm, hd, e->m.norm_eps);
+    }
+}
+
 /* Writes the step's K (unless shared) and V rows into the cache. */
 static void store_kv(engine *e, int l, int T) {
     const model *m = &e->m;
@@ -556,10 +575,17 @@ static void layer_forward(engine *e, int l, int T, int n_plain, engine_batch_ite
     if (!e->shared[l]) {
         matmul(e, &L->wq, e->xn, T, n_plain, e->q);
         matmul(e, &L->wk, e->xn, T, n_plain, e->k);
+        for (int r = 0; r < T; r++) {
+            for (int h = 0; h < m->n_head; h++) qk_prep(e, L->bq, L->q_norm, e->q, r, h, m->n_head);
+            for (int g = 0; g < m->n_head_kv; g++) qk_prep(e, L->bk, L->k_norm, e->k, r, g, m->n_head_kv);
+        }
         rope_rows(e, e->q, T, m->n_head);
         rope_rows(e, e->k, T, m->n_head_kv);
     }
     matmul(e, &L->wv, e->xn, T, n_plain, e->v);
+    if (L->bv)
+        for (int r = 0; r < T; r++)
+            for (int g = 0; g < m->n_head_kv; g++) add_bias(e, L->bv, e->v, r, g, m->n_head_kv);
     store_kv(e, l, T);
 
     attn_job aj = {
@@ -682,7 +708,10 @@ static void fused_worker(void *arg, int ith, int nth) {
             split_rows(H, 1, ith, nth, &h0, &h1);
             gemm_part(&L->wq, xn, T, e->q, h0 * hd, h1 * hd, NULL, false);
             for (int r = 0; r < T; r++)
-                for (int h = h0; h < h1; h++) rope_one(e, e->q + ((size_t)r * (size_t)H + (size_t)h) * (size_t)hd, e->row_pos[r]);
+                for (int h = h0; h < h1; h++) {
+                    qk_prep(e, L->bq, L->q_norm, e->q, r, h, H);
+                    rope_one(e, e->q + ((size_t)r * (size_t)H + (size_t)h) * (size_t)hd, e->row_pos[r]);
+                }
         }
         int g0, g1;
         split_rows(G, 1, ith, nth, &g0, &g1);
@@ -690,7 +719,11 @@ static void fused_worker(void *arg, int ith, int nth) {
         gemm_part(&L->wv, xn, T, e->v, g0 * hd, g1 * hd, NULL, false);
         for (int r = 0; r < T; r++)
             for (int g = g0; g < g1; g++) {
-                if (!e->shared[l]) rope_one(e, e->k + ((size_t)r * (size_t)G + (size_t)g) * (size_t)hd, e->row_pos[r]);
+                if (!e->shared[l]) {
+                    qk_prep(e, L->bk, L->k_norm, e->k, r, g, G);
+                    rope_one(e, e->k + ((size_t)r * (size_t)G + (size_t)g) * (size_t)hd, e->row_pos[r]);
+                }
+                if (L->bv) add_bias(e, L->bv, e->v, r, g, G);
                 store_head(e, l, r, g, !e->shared[l]);
             }
         pool_barrier(e->pool);

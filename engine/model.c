@@ -122,11 +122,20 @@ static int load_hparams(loader *l) {
     if (s.len >= sizeof m->arch_name) return lfail(l, ENGINE_EUNSUPPORTED, "architecture name too long");
     memcpy(m->arch_name, s.p, s.len);
     m->arch_name[s.len] = 0;
+    /* GGUF files of architecture llama have Q/K rows permuted so RoPE
+     * rotates adjacent pairs; Qwen files are not permuted and rotate halves. */
     if (strcmp(m->arch_name, "llama") == 0) {
         m->arch = ARCH_LLAMA;
         m->rope = ROPE_NORM;
+    } else if (strcmp(m->arch_name, "qwen2") == 0) {
+        m->arch = ARCH_QWEN2;
+        m->rope = ROPE_NEOX;
+    } else if (strcmp(m->arch_name, "qwen3") == 0) {
+        m->arch = ARCH_QWEN3;
+        m->rope = ROPE_NEOX;
     } else {
-        return lfail(l, ENGINE_EUNSUPPORTED, "architecture '%s' is not supported (supported: llama)", m->arch_name);
+        return lfail(l, ENGINE_EUNSUPPORTED, "architecture '%s' is not supported (supported: llama, qwen2, qwen3)",
+                     m->arch_name);
     }
     if (gguf_get_str(m->g, "general.name", &s, NULL) && s.len < sizeof m->name) {
         memcpy(m->name, s.p, s.len);
@@ -154,6 +163,14 @@ static int load_hparams(loader *l) {
     if ((rc = get_float(l, "rope.freq_base", 10000.0f, &m->rope_base))) return rc;
     if ((rc = get_float(l, "attention.layer_norm_rms_epsilon", 1e-5f, &m->norm_eps))) return rc;
     if (m->rope_base <= 0) return lfail(l, ENGINE_EFORMAT, "rope.freq_base must be positive");
+    m->rope_linear = 1.0f;
+    char key[160];
+    snprintf(key, sizeof key, "%s.rope.scaling.type", m->arch_name);
+    gguf_str st;
+    if (gguf_get_str(m->g, key, &st, NULL) && gguf_str_eq(st, "linear")) {
+        if ((rc = get_float(l, "rope.scaling.factor", 1.0f, &m->rope_linear))) return rc;
+        if (m->rope_linear < 1.0f) return lfail(l, ENGINE_EFORMAT, "%s: scaling factor below 1", key);
+    }
 
     if (gguf_get_str(m->g, "saserve.shared_layers", &s, &bad)) {
         if (s.len >= sizeof m->shared_layers_key)
@@ -180,6 +197,7 @@ static int load_weights(loader *l) {
     if ((rc = get_mat(l, "output.weight", m->n_vocab, m->n_embd, false, &m->output))) return rc;
     if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
     if ((rc = get_vec(l, "output_norm.weight", m->n_embd, true, &m->output_norm))) return rc;
+    if ((rc = get_vec(l, "rope_freqs.weight", m->n_rot / 2, false, &m->rope_freqs))) return rc;
     m->layers = calloc((size_t)m->n_layer, sizeof *m->layers);
     if (!m->layers) return lfail(l, ENGINE_ENOMEM, "out of memory");
     for (int i = 0; i < m->n_layer; i++) {
@@ -195,6 +213,14 @@ static int load_weights(loader *l) {
             (rc = get_mat(l, NAME("ffn_gate.weight"), m->n_ff, m->n_embd, true, &L->w_gate)) ||
             (rc = get_mat(l, NAME("ffn_up.weight"), m->n_ff, m->n_embd, true, &L->w_up)) ||
             (rc = get_mat(l, NAME("ffn_down.weight"), m->n_embd, m->n_ff, true, &L->w_down)))
+            return rc;
+        /* Qwen2: Q/K/V biases.  Qwen3: per-head RMSNorm of Q and K. */
+        bool qwen2 = m->arch == ARCH_QWEN2, qwen3 = m->arch == ARCH_QWEN3;
+        if ((rc = get_vec(l, NAME("attn_q.bias"), q_dim, qwen2, &L->bq)) ||
+            (rc = get_vec(l, NAME("attn_k.bias"), kv_dim, qwen2, &L->bk)) ||
+            (rc = get_vec(l, NAME("attn_v.bias"), kv_dim, qwen2, &L->bv)) ||
+            (rc = get_vec(l, NAME("attn_q_norm.weight"), m->head_dim, qwen3, &L->q_norm)) ||
+            (rc = get_vec(l, NAME("attn_k_norm.weight"), m->head_dim, qwen3, &L->k_norm)))
             return rc;
 #undef NAME
     }
@@ -221,7 +247,7 @@ int model_load(model *m, const char *path, char *err, size_t errlen) {
     if (rc == 0) {
         /* Room for every 1-D tensor converted to f32. */
         l.owned_cap = (size_t)m->n_embd * (size_t)(2 * m->n_layer + 1) + (size_t)m->n_layer * (size_t)(2 * m->head_dim +
-                       (m->n_head + 2 * m->n_head_kv) * m->head_dim);
+                       (m->n_head + 2 * m->n_head_kv) * m->head_dim) + (size_t)m->n_rot;
         m->owned = malloc(l.owned_cap * sizeof(float));
         if (!m->owned) rc = lfail(&l, ENGINE_ENOMEM, "out of memory");
     }

@@ -52,9 +52,11 @@ typedef struct {
     float rope_base;
     rope_style rope;
     float norm_eps;
-    /* Llama 3 frequency scaling (rope_scaling type llama3), when factor > 0. */
-    float rope_scale_factor, rope_low_freq, rope_high_freq;
-    int rope_orig_ctx;
+    /* RoPE frequency factors (Llama 3 scaling, as GGUF stores it: the
+     * rope_freqs.weight tensor, [n_rot/2]; each frequency is divided by its
+     * factor), or NULL.  Linear scaling divides positions by rope_linear. */
+    const float *rope_freqs;
+    float rope_linear;
     char shared_layers_key[128]; /* saserve.shared_layers, "" if absent */
 
     wmat tok_embd;            /* (n_vocab, n_embd) */
