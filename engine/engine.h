@@ -141,13 +141,16 @@ int32_t engine_token_lookup(const engine *e, const char *s);
 bool engine_meta_str(const engine *e, const char *key, char *buf, size_t cap);
 
 /* The raw bytes a token stands for when it follows other text (SentencePiece
- * "▁" becomes a space; byte tokens give their byte; control tokens give
- * nothing).  Returns the length, or -1 for an id out of range. */
+ * "▁" becomes a space; byte tokens give their byte; byte-level BPE tokens
+ * give the bytes their characters stand for, which may be part of a UTF-8
+ * character; control tokens give nothing).  Returns the length, or -1 for an
+ * id out of range. */
 int engine_token_bytes(const engine *e, int32_t id, char *buf, size_t cap);
 
 /* Decodes ids into text as a standalone string: like the reference
- * tokenizer, drops the leading space the encoder's dummy prefix added and
- * replaces each byte of invalid UTF-8 with U+FFFD.  Returns the length written
+ * tokenizer, drops the leading space the encoder's dummy prefix added
+ * (SentencePiece only; byte-level BPE has none) and replaces each byte of
+ * invalid UTF-8 with U+FFFD.  Returns the length written
  * (without the NUL), or the length needed when cap is too small. */
 size_t engine_detokenize(const engine *e, const int32_t *ids, int n, char *buf, size_t cap);
 

@@ -1,5 +1,7 @@
 /*
- * tokenizer.c - SentencePiece-style BPE from GGUF metadata; see tokenizer.h.
+ * tokenizer.c - tokenizers from GGUF metadata: the vocabulary and special
+ * tokens of both kinds, and SentencePiece-style BPE; see tokenizer.h.  The
+ * byte-level BPE of "gpt2" models is in tokenizer_bpe.c.
  */
 #include "tokenizer.h"
 
@@ -8,6 +10,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "tokenizer_bpe.h"
 
 #define SPACE_MARK "\xe2\x96\x81" /* U+2581 LOWER ONE EIGHTH BLOCK */
 #define SPACE_MARK_LEN 3
@@ -31,7 +34,9 @@ struct tokenizer {
     /* Control and user-defined tokens, longest first, for parse_special. */
     int32_t *special;
     int n_special;
-    bool *eog; /* [n_vocab] ends generation */
+    bool special_first[256]; /* bytes some special token starts with */
+    bool *eog;               /* [n_vocab] ends generation */
+    bpe_model *bpe;          /* "gpt2" models; NULL for SentencePiece */
 };
 
 /* ==== Vocabulary lookup ================================================ */
@@ -61,8 +66,9 @@ int tokenizer_load(tokenizer **out, const gguf *g, char *err, size_t errlen) {
         snprintf(err, errlen, "metadata key 'tokenizer.ggml.model' is missing or not a string");
         return ENGINE_EFORMAT;
     }
-    if (!gguf_str_eq(model, "llama")) {
-        snprintf(err, errlen, "tokenizer '%.*s' is not supported (supported: llama)", (int)model.len, model.p);
+    bool gpt2 = gguf_str_eq(model, "gpt2");
+    if (!gguf_str_eq(model, "llama") && !gpt2) {
+        snprintf(err, errlen, "tokenizer '%.*s' is not supported (supported: llama, gpt2)", (int)model.len, model.p);
         return ENGINE_EUNSUPPORTED;
     }
     const gguf_kv *toks = gguf_find(g, "tokenizer.ggml.tokens");
@@ -134,6 +140,7 @@ int tokenizer_load(tokenizer **out, const gguf *g, char *err, size_t errlen) {
     bool b;
     t->add_bos = gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &b, NULL) ? b : true;
     t->add_space_prefix = gguf_get_bool(g, "tokenizer.ggml.add_space_prefix", &b, NULL) ? b : true;
+    if (gpt2) t->add_space_prefix = false; /* byte-level BPE has no dummy prefix */
     t->special = malloc((size_t)n * sizeof *t->special);
     t->eog = calloc((size_t)n, sizeof *t->eog);
     if (!t->special || !t->eog) {
@@ -141,11 +148,14 @@ int tokenizer_load(tokenizer **out, const gguf *g, char *err, size_t errlen) {
         snprintf(err, errlen, "out of memory");
         return ENGINE_ENOMEM;
     }
-    static const char *const eog_names[] = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>",
-                                            "<|endoftext|>", "<|eom_id|>"};
+    static const char *const eog_names[] = {"<|im_end|>",    "<|eot_id|>", "<|end|>",         "<end_of_turn>",
+                                            "<|endoftext|>", "<|eom_id|>", "<|end_of_text|>"};
     for (int i = 0; i < n; i++) {
         const token_entry *e = &t->tokens[i];
-        if ((e->type == TOK_CONTROL || e->type == TOK_USER) && e->len > 0) t->special[t->n_special++] = i;
+        if ((e->type == TOK_CONTROL || e->type == TOK_USER) && e->len > 0) {
+            t->special[t->n_special++] = i;
+            t->special_first[(uint8_t)e->text[0]] = true;
+        }
         if (e->type == TOK_CONTROL || e->type == TOK_USER)
             for (size_t k = 0; k < sizeof eog_names / sizeof eog_names[0]; k++)
                 if (e->len == strlen(eog_names[k]) && !memcmp(e->text, eog_names[k], e->len)) t->eog[i] = true;
@@ -166,6 +176,13 @@ int tokenizer_load(tokenizer **out, const gguf *g, char *err, size_t errlen) {
         snprintf(err, errlen, "tokenizer adds BOS but 'tokenizer.ggml.bos_token_id' is missing or out of range");
         return ENGINE_EFORMAT;
     }
+    if (gpt2) {
+        int rc = bpe_model_load(&t->bpe, t, g, err, errlen);
+        if (rc) {
+            tokenizer_free(t);
+            return rc;
+        }
+    }
     *out = t;
     return 0;
 }
@@ -176,6 +193,7 @@ void tokenizer_free(tokenizer *t) {
     free(t->table);
     free(t->special);
     free(t->eog);
+    bpe_model_free(t->bpe);
     free(t);
 }
 
@@ -184,6 +202,7 @@ int tokenizer_bos(const tokenizer *t) { return t->bos; }
 int tokenizer_eos(const tokenizer *t) { return t->eos; }
 bool tokenizer_add_bos(const tokenizer *t) { return t->add_bos; }
 bool tokenizer_is_eog(const tokenizer *t, int32_t id) { return id >= 0 && id < t->n_vocab && t->eog[id]; }
+int tokenizer_token_type(const tokenizer *t, int32_t id) { return t->tokens[id].type; }
 
 /* ==== Encoding ========================================================= */
 
@@ -289,8 +308,11 @@ static void resegment(encoder *e, const char *p, uint32_t len, int depth) {
     }
 }
 
+static void emit_cb(void *ud, int32_t id) { emit(ud, id); }
+
 /* Encodes one run of plain text, with the dummy-prefix space if asked. */
 static int encode_text(encoder *e, const char *text, size_t len, bool prefix) {
+    if (e->t->bpe) return bpe_encode(e->t->bpe, e->t, text, len, emit_cb, e);
     if (len == 0) return 0;
     if (len > (1u << 28)) return ENGINE_EINVAL;
     /* Normalise: dummy prefix, spaces to U+2581. */
@@ -354,6 +376,7 @@ static int encode_text(encoder *e, const char *text, size_t len, bool prefix) {
 
 /* The special token whose text starts at s (longest match), or -1. */
 static int32_t special_at(const tokenizer *t, const char *s, size_t n) {
+    if (!t->special_first[(uint8_t)s[0]]) return -1;
     for (int i = 0; i < t->n_special; i++) {
         const token_entry *e = &t->tokens[t->special[i]];
         if (e->len <= n && memcmp(e->text, s, e->len) == 0) return t->special[i];
@@ -420,6 +443,14 @@ int tokenizer_token_bytes(const tokenizer *t, int32_t id, char *buf, size_t cap)
         return (int)n;
     }
     default: {
+        if (t->bpe) {
+            /* User-defined tokens are stored as plain text (e.g. "<think>"). */
+            if (e->type == TOK_USER) {
+                if (cap > 0) memcpy(buf, e->text, e->len < cap ? e->len : cap);
+                return (int)e->len;
+            }
+            return (int)bpe_token_bytes(e->text, e->len, buf, cap);
+        }
         size_t o = 0;
         for (uint32_t i = 0; i < e->len;) {
             if (i + SPACE_MARK_LEN <= e->len && memcmp(e->text + i, SPACE_MARK, SPACE_MARK_LEN) == 0) {

@@ -6,6 +6,10 @@
  * first on ties), and pieces not in the vocabulary fall back to <0xNN> byte
  * tokens.  This is what sentencepiece itself does for BPE models.
  *
+ * "gpt2" (byte-level BPE, Llama 3, Qwen2/2.5/3): see tokenizer_bpe.h.  The
+ * vocabulary, special tokens and end-of-generation set are handled here for
+ * both.
+ *
  * A tokenizer is immutable after tokenizer_load(); encode and decode may run
  * on any number of threads at once.
  */
@@ -47,6 +51,8 @@ int tokenizer_encode_fragments(const tokenizer *t, const tokenizer_fragment *fra
                                int32_t *ids, int max_ids);
 /* Id of the token whose text is s[0..n), or -1. */
 int32_t tokenizer_lookup(const tokenizer *t, const char *s, size_t n);
+/* TOK_* type of a token (id in range). */
+int tokenizer_token_type(const tokenizer *t, int32_t id);
 /* Bytes of one token in running text; -1 if id is out of range. */
 int tokenizer_token_bytes(const tokenizer *t, int32_t id, char *buf, size_t cap);
 /* Standalone decode (see engine_detokenize). */
