@@ -56,12 +56,14 @@ def read_template_kvs(path):
     def skip_value(t):
         nonlocal pos
         if t == V_STR:
-            pos += take("Q")
+            n = take("Q")  # (not `pos += take(...)`: take moves pos itself)
+            pos += n
         elif t == V_ARR:
             et, n = take("I"), take("Q")
             if et == V_STR:
                 for _ in range(n):
-                    pos += take("Q")
+                    ln = take("Q")
+                    pos += ln
             else:
                 pos += sizes[et] * n
         else:
