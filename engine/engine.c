@@ -58,7 +58,12 @@ struct engine {
     int *row_seq, *row_pos, *row_item;
     int32_t *row_tok;
     int *out_row;       /* [max_T] rows whose logits are computed */
-    int *item_first;    /* [max_seqs * 2] first row of each item */
+    int *item_first;    /* [max_T] first row of each item */
+    /* Prompt items through OpenBLAS, in row order: rows of each (blas_rows)
+     * and rows of each that need logits (blas_out).  matmul() reads the list
+     * seg points to; see matmul_blas for why it goes item by item. */
+    int *blas_rows, *blas_out, n_blas;
+    const int *seg;
 
     engine_counters counters;
     engine_attn_observer observer;
@@ -265,6 +270,8 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
     e->row_tok = xcalloc(T, sizeof(int32_t), &ok);
     e->out_row = xcalloc(T, sizeof(int), &ok);
     e->item_first = xcalloc(T, sizeof(int), &ok);
+    e->blas_rows = xcalloc(T, sizeof(int), &ok);
+    e->blas_out = xcalloc(T, sizeof(int), &ok);
     bool any_probs = false;
     for (int l = 0; l < L; l++) any_probs |= e->keep_probs[l];
     if (any_probs) {
@@ -345,6 +352,7 @@ void engine_close(engine *e) {
     free(e->x); free(e->xn); free(e->tmp); free(e->hid); free(e->q); free(e->att); free(e->k); free(e->v);
     free(e->gate); free(e->up); free(e->logits); free(e->scores); free(e->probs); free(e->tile);
     free(e->row_seq); free(e->row_pos); free(e->row_item); free(e->row_tok); free(e->out_row); free(e->item_first);
+    free(e->blas_rows); free(e->blas_out);
     free(e);
 }
 
@@ -448,11 +456,19 @@ static void dq_worker(void *arg, int ith, int nth) {
 }
 
 /* y[T][rows] = x[T][cols] W^T through OpenBLAS: weights are dequantised a
- * tile of rows at a time. */
-static void matmul_blas(engine *e, const wmat *w, const float *x, int T, float *y) {
+ * tile of rows at a time.  One sgemm per prompt item (seg[0..n_seg) rows
+ * each): OpenBLAS's result for a row depends on the call's row count (it
+ * switches to other kernels for small matrices; 0.3.21 on SkylakeX differs
+ * for M < 4 at 384 x 384, M < 10 at 384 -> 128), so an item's rows must be
+ * computed by the same call shape whether it runs alone or in a batch. */
+static void matmul_blas(engine *e, const wmat *w, const float *x, const int *seg, int n_seg, float *y) {
     if (w->type == GGML_F32) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, w->rows, w->cols, 1.0f, x, w->cols,
-                    (const float *)w->data, w->cols, 0.0f, y, w->rows);
+        for (int s = 0; s < n_seg; s++) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seg[s], w->rows, w->cols, 1.0f, x, w->cols,
+                        (const float *)w->data, w->cols, 0.0f, y, w->rows);
+            x += (size_t)seg[s] * (size_t)w->cols;
+            y += (size_t)seg[s] * (size_t)w->rows;
+        }
         return;
     }
     int tile_rows = (int)(e->tile_floats / (size_t)w->cols);
@@ -460,20 +476,28 @@ static void matmul_blas(engine *e, const wmat *w, const float *x, int T, float *
         int n = w->rows - r0 < tile_rows ? w->rows - r0 : tile_rows;
         dq_job dj = {w, r0, n, e->tile};
         pool_run(e->pool, dq_worker, &dj);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, n, w->cols, 1.0f, x, w->cols, e->tile, w->cols, 0.0f,
-                    y + r0, w->rows);
+        const float *xs = x;
+        float *ys = y;
+        for (int s = 0; s < n_seg; s++) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seg[s], n, w->cols, 1.0f, xs, w->cols, e->tile,
+                        w->cols, 0.0f, ys + r0, w->rows);
+            xs += (size_t)seg[s] * (size_t)w->cols;
+            ys += (size_t)seg[s] * (size_t)w->rows;
+        }
     }
 }
 
 /* y = x W^T for the step's rows: rows [0, n_plain) through the engine's
- * kernels, rows [n_plain, T) (prompt rows) through OpenBLAS. */
+ * kernels, rows [n_plain, T) (prompt rows, item by item as e->seg lists
+ * them) through OpenBLAS. */
 static void matmul(engine *e, const wmat *w, const float *x, int T, int n_plain, float *y) {
     if (n_plain > 0) {
         mm_job j = {e, w, x, n_plain, y};
         pool_run(e->pool, mm_worker, &j);
     }
     if (T > n_plain)
-        matmul_blas(e, w, x + (size_t)n_plain * (size_t)w->cols, T - n_plain, y + (size_t)n_plain * (size_t)w->rows);
+        matmul_blas(e, w, x + (size_t)n_plain * (size_t)w->cols, e->seg, e->n_blas,
+                    y + (size_t)n_plain * (size_t)w->rows);
 }
 
 /* RoPE in place on n_heads heads of each row. */
@@ -603,11 +627,16 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
 
     /* Row layout: non-prompt items first, then prompt items (OpenBLAS). */
     int r = 0, n_plain = 0;
+    e->n_blas = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < n_items; i++) {
             engine_batch_item *it = &items[i];
             bool blas = it->prompt && e->params.blas_prompt;
             if (blas != (pass == 1)) continue;
+            if (blas) {
+                e->blas_rows[e->n_blas] = it->n_tokens;
+                e->blas_out[e->n_blas++] = it->all_logits ? it->n_tokens : 1;
+            }
             e->item_first[i] = r;
             int p0 = e->kv.seqs[it->seq].n_tokens;
             for (int t = 0; t < it->n_tokens; t++, r++) {
@@ -624,6 +653,7 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
     for (r = 0; r < T; r++)
         ops.dequant_row(m->tok_embd.type, m->tok_embd.data + (size_t)e->row_tok[r] * m->tok_embd.row_bytes,
                         e->x + (size_t)r * (size_t)D, D);
+    e->seg = e->blas_rows;
     for (int l = 0; l < m->n_layer; l++) layer_forward(e, l, T, n_plain, items, n_items);
 
     /* Logits only for the rows that want them, in item order. */
@@ -643,6 +673,7 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
         }
         if (pass == 0) o_plain = o;
     }
+    e->seg = e->blas_out;
     matmul(e, &m->output, e->hid, n_out, o_plain, e->logits);
 
     for (int i = 0; i < n_items; i++) {
