@@ -132,10 +132,12 @@ static int setup_sharing(engine *e, char *err, size_t errlen) {
     }
     int rc = engine_parse_shared_layers(setting, m->n_layer, e->shared, err, errlen);
     if (rc) return rc;
-    if (strcmp(origin, "config") == 0 && m->shared_layers_key[0] && strcmp(setting, m->shared_layers_key) != 0) {
+    if (strcmp(origin, "config") == 0 && m->shared_layers_key[0]) {
+        /* Compare the layer sets, not the text: "4-5,6-11" is the model's "4-11". */
         bool model_mask[1024];
         char a[256];
-        if (engine_parse_shared_layers(m->shared_layers_key, m->n_layer, model_mask, a, sizeof a) == 0) {
+        if (engine_parse_shared_layers(m->shared_layers_key, m->n_layer, model_mask, a, sizeof a) == 0 &&
+            memcmp(model_mask, e->shared, (size_t)m->n_layer * sizeof(bool)) != 0) {
             engine_format_shared_layers(model_mask, m->n_layer, a, sizeof a);
             ELOG_WARN("shared layers set to '%s', overriding the model's own setting '%s': this model was trained "
                       "with its setting and is only correct with it", setting, a);
