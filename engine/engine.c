@@ -131,6 +131,12 @@ static int setup_sharing(engine *e, char *err, size_t errlen) {
         origin = m->shared_layers_key[0] ? "model" : "none";
     }
     int rc = engine_parse_shared_layers(setting, m->n_layer, e->shared, err, errlen);
+    if (rc && strcmp(origin, "model") == 0) {
+        /* Say where the bad setting came from: the file, not the user. */
+        char why[256];
+        snprintf(why, sizeof why, "%s", err);
+        snprintf(err, errlen, "metadata key 'saserve.shared_layers' = '%s': %s", setting, why);
+    }
     if (rc) return rc;
     if (strcmp(origin, "config") == 0 && m->shared_layers_key[0]) {
         /* Compare the layer sets, not the text: "4-5,6-11" is the model's "4-11". */
