@@ -401,6 +401,9 @@ int engine_seq_len(const engine *e, int seq) { return seq_ok(e, seq) ? e->kv.seq
 
 int engine_seq_fork(engine *e, int src, int dst) {
     if (!seq_ok(e, src) || !seq_ok(e, dst)) return ENGINE_ESEQ;
+    /* kv_fork fails for a non-empty dst too: that is a caller error, not a
+     * full cache. */
+    if (src == dst || e->kv.seqs[dst].n_tokens != 0 || e->kv.seqs[dst].n_blocks != 0) return ENGINE_EINVAL;
     return kv_fork(&e->kv, src, dst) == 0 ? 0 : ENGINE_ENOKV;
 }
 
