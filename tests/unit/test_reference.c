@@ -20,8 +20,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <unistd.h>
+
 #include "engine.h"
 #include "enginetest.h"
+#include "gguf.h"
 #include "testutil.h"
 
 #define SA_TINY_F16 "models/sa-tiny/model-f16.gguf"
@@ -542,6 +545,62 @@ START_TEST(test_batch_invariance_f16_kernels) {
 }
 END_TEST
 
+/* ==== Shared layers never read W_q / W_k =============================== */
+
+/* DESIGN.md section 4: a shared layer does not compute W_q x or W_k x.  A
+ * copy of the bundled model whose attn_q / attn_k weights in layers 4-11 are
+ * all 0xff bytes (Q8_0 scale 0xffff: NaN) must give, with its sharing, the
+ * very bits of the original; without sharing it gives NaN, which shows the
+ * poison is real. */
+START_TEST(test_shared_layers_skip_wq_wk) {
+    size_t size;
+    char *buf = read_file(BUNDLED_MODEL, &size);
+    ck_assert_ptr_nonnull(buf);
+    char err[512];
+    gguf *g = gguf_parse(buf, size, err, sizeof err);
+    ck_assert_msg(g != NULL, "%s", err);
+    int poisoned = 0;
+    for (int l = 4; l < 12; l++)
+        for (int w = 0; w < 2; w++) {
+            char name[64];
+            snprintf(name, sizeof name, "blk.%d.attn_%c.weight", l, w ? 'k' : 'q');
+            const gguf_tensor *t = gguf_find_tensor(g, name);
+            ck_assert_ptr_nonnull(t);
+            memset(buf + ((const char *)t->data - buf), 0xff, t->nbytes);
+            poisoned++;
+        }
+    gguf_close(g);
+    ck_assert_int_eq(poisoned, 16);
+    char path[] = "/tmp/saserve-poisoned-XXXXXX";
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, buf, size), (ssize_t)size);
+    close(fd);
+    free(buf);
+
+    json_t *ref = fixture_json("ref-none.json");
+    size_t n1, n2, n3;
+    engine *e = open_engine_cfg(BUNDLED_MODEL, NULL, ENGINE_KV_F16, true);
+    float *clean = logit_dump(e, ref, &n1);
+    engine_close(e);
+    e = open_engine_cfg(path, NULL, ENGINE_KV_F16, true);
+    ck_assert_str_eq(engine_get_info(e)->shared_layers, "4-11");
+    float *poison = logit_dump(e, ref, &n2);
+    engine_close(e);
+    e = open_engine_cfg(path, "none", ENGINE_KV_F16, true);
+    float *unshared = logit_dump(e, ref, &n3);
+    engine_close(e);
+    unlink(path);
+    ck_assert_uint_eq(n1, n2);
+    ck_assert_msg(memcmp(clean, poison, n1 * sizeof(float)) == 0, "a shared layer read its own W_q or W_k");
+    ck_assert_msg(isnan(unshared[0]), "the poisoned weights had no effect without sharing");
+    free(clean);
+    free(poison);
+    free(unshared);
+    json_decref(ref);
+}
+END_TEST
+
 Suite *reference_suite(void) {
     Suite *s = suite_create("reference");
     TCase *tc = tcase_create("sa-tiny");
@@ -567,6 +626,11 @@ Suite *reference_suite(void) {
     tcase_set_timeout(tc, REF_TIMEOUT);
     tcase_add_test(tc, test_none_bit_identical);
     tcase_add_test(tc, test_model_key_bit_identical);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("sa-semantics");
+    tcase_set_timeout(tc, REF_TIMEOUT);
+    tcase_add_test(tc, test_shared_layers_skip_wq_wk);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("batch-invariance");
