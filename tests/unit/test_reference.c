@@ -295,7 +295,7 @@ static void q8_check(const char *q8_path, const char *f16_rel, const char *share
     engine_close(e);
     char label[600];
     snprintf(label, sizeof label, "%s shared=%s", q8_path, shared ? shared : "(model)");
-    fprintf(stderr, "reference: %s: mean NLL %.6f vs ref %.6f (rel diff %.3g)", label, q8.mean, q8.ref_mean,
+    fprintf(stderr, "reference: %s: mean NLL %.6f vs ref %.6f (rel diff %.3g)\n", label, q8.mean, q8.ref_mean,
             fabs(q8.mean - q8.ref_mean) / q8.ref_mean);
     check_nll(&q8, 0.02, label);
 
@@ -308,10 +308,10 @@ static void q8_check(const char *q8_path, const char *f16_rel, const char *share
         int agree = 0;
         for (int i = 0; i < NLL_POS; i++) agree += am_q8[i] == am_f16[i];
         double pct = 100.0 * agree / NLL_POS;
-        fprintf(stderr, ", top-1 agreement with f16 %.2f%% (%d/%d)", pct, agree, NLL_POS);
+        fprintf(stderr, "reference: %s: top-1 agreement with %s %.2f%% (%d/%d)\n", label, f16_rel, pct, agree,
+                NLL_POS);
         ck_assert_msg(pct >= 98.0, "%s: top-1 agreement with f16 is %.2f%% < 98%%", label, pct);
     }
-    fprintf(stderr, "\n");
     free(am_q8);
     free(am_f16);
     json_decref(ref);
@@ -533,14 +533,14 @@ END_TEST
 
 START_TEST(test_batch_invariance_f16_blas) {
     char path[512];
-    if (!shared_path(path, sizeof path, SA_TINY_F16, "reference/batch invariance f16")) return;
+    if (!shared_path(path, sizeof path, SA_TINY_F16, "reference/batch invariance f16 blas")) return;
     batch_invariance(path, "none", true, "sa-tiny f16 none, blas");
 }
 END_TEST
 
 START_TEST(test_batch_invariance_f16_kernels) {
     char path[512];
-    if (!shared_path(path, sizeof path, SA_TINY_F16, "reference/batch invariance f16")) return;
+    if (!shared_path(path, sizeof path, SA_TINY_F16, "reference/batch invariance f16 kernels")) return;
     batch_invariance(path, "5-7", false, "sa-tiny f16 5-7, kernels");
 }
 END_TEST
