@@ -59,7 +59,12 @@ struct engine {
     int *row_seq, *row_pos, *row_item;
     int32_t *row_tok;
     int *out_row;       /* [max_T] rows whose logits are computed */
-    int *item_first;    /* [max_seqs * 2] first row of each item */
+    int *item_first;    /* [max_T] first row of each item */
+    /* Prompt items through OpenBLAS, in row order: rows of each (blas_rows)
+     * and rows of each that need logits (blas_out).  matmul() reads the list
+     * seg points to; see matmul_blas for why it goes item by item. */
+    int *blas_rows, *blas_out, n_blas;
+    const int *seg;
 
     engine_counters counters;
     engine_attn_observer observer;
@@ -127,11 +132,19 @@ static int setup_sharing(engine *e, char *err, size_t errlen) {
         origin = m->shared_layers_key[0] ? "model" : "none";
     }
     int rc = engine_parse_shared_layers(setting, m->n_layer, e->shared, err, errlen);
+    if (rc && strcmp(origin, "model") == 0) {
+        /* Say where the bad setting came from: the file, not the user. */
+        char why[256];
+        snprintf(why, sizeof why, "%s", err);
+        snprintf(err, errlen, "metadata key 'saserve.shared_layers' = '%s': %s", setting, why);
+    }
     if (rc) return rc;
-    if (strcmp(origin, "config") == 0 && m->shared_layers_key[0] && strcmp(setting, m->shared_layers_key) != 0) {
+    if (strcmp(origin, "config") == 0 && m->shared_layers_key[0]) {
+        /* Compare the layer sets, not the text: "4-5,6-11" is the model's "4-11". */
         bool model_mask[1024];
         char a[256];
-        if (engine_parse_shared_layers(m->shared_layers_key, m->n_layer, model_mask, a, sizeof a) == 0) {
+        if (engine_parse_shared_layers(m->shared_layers_key, m->n_layer, model_mask, a, sizeof a) == 0 &&
+            memcmp(model_mask, e->shared, (size_t)m->n_layer * sizeof(bool)) != 0) {
             engine_format_shared_layers(model_mask, m->n_layer, a, sizeof a);
             ELOG_WARN("shared layers set to '%s', overriding the model's own setting '%s': this model was trained "
                       "with its setting and is only correct with it", setting, a);
@@ -269,6 +282,8 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
     e->row_tok = xcalloc(T, sizeof(int32_t), &ok);
     e->out_row = xcalloc(T, sizeof(int), &ok);
     e->item_first = xcalloc(T, sizeof(int), &ok);
+    e->blas_rows = xcalloc(T, sizeof(int), &ok);
+    e->blas_out = xcalloc(T, sizeof(int), &ok);
     bool any_probs = false;
     for (int l = 0; l < L; l++) any_probs |= e->keep_probs[l];
     if (any_probs) {
@@ -349,6 +364,7 @@ void engine_close(engine *e) {
     free(e->x); free(e->xn); free(e->tmp); free(e->hid); free(e->q); free(e->att); free(e->k); free(e->v);
     free(e->gate); free(e->up); free(e->logits); free(e->scores); free(e->probs); free(e->tile); free(e->xn_t);
     free(e->row_seq); free(e->row_pos); free(e->row_item); free(e->row_tok); free(e->out_row); free(e->item_first);
+    free(e->blas_rows); free(e->blas_out);
     free(e);
 }
 
@@ -407,6 +423,9 @@ int engine_seq_len(const engine *e, int seq) { return seq_ok(e, seq) ? e->kv.seq
 
 int engine_seq_fork(engine *e, int src, int dst) {
     if (!seq_ok(e, src) || !seq_ok(e, dst)) return ENGINE_ESEQ;
+    /* kv_fork fails for a non-empty dst too: that is a caller error, not a
+     * full cache. */
+    if (src == dst || e->kv.seqs[dst].n_tokens != 0 || e->kv.seqs[dst].n_blocks != 0) return ENGINE_EINVAL;
     return kv_fork(&e->kv, src, dst) == 0 ? 0 : ENGINE_ENOKV;
 }
 
@@ -470,11 +489,19 @@ static void dq_worker(void *arg, int ith, int nth) {
 }
 
 /* y[T][rows] = x[T][cols] W^T through OpenBLAS: weights are dequantised a
- * tile of rows at a time. */
-static void matmul_blas(engine *e, const wmat *w, const float *x, int T, float *y) {
+ * tile of rows at a time.  One sgemm per prompt item (seg[0..n_seg) rows
+ * each): OpenBLAS's result for a row depends on the call's row count (it
+ * switches to other kernels for small matrices; 0.3.21 on SkylakeX differs
+ * for M < 4 at 384 x 384, M < 10 at 384 -> 128), so an item's rows must be
+ * computed by the same call shape whether it runs alone or in a batch. */
+static void matmul_blas(engine *e, const wmat *w, const float *x, const int *seg, int n_seg, float *y) {
     if (w->type == GGML_F32) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, w->rows, w->cols, 1.0f, x, w->cols,
-                    (const float *)w->data, w->cols, 0.0f, y, w->rows);
+        for (int s = 0; s < n_seg; s++) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seg[s], w->rows, w->cols, 1.0f, x, w->cols,
+                        (const float *)w->data, w->cols, 0.0f, y, w->rows);
+            x += (size_t)seg[s] * (size_t)w->cols;
+            y += (size_t)seg[s] * (size_t)w->rows;
+        }
         return;
     }
     int tile_rows = (int)(e->tile_floats / (size_t)w->cols);
@@ -482,20 +509,28 @@ static void matmul_blas(engine *e, const wmat *w, const float *x, int T, float *
         int n = w->rows - r0 < tile_rows ? w->rows - r0 : tile_rows;
         dq_job dj = {w, r0, n, e->tile};
         pool_run(e->pool, dq_worker, &dj);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, n, w->cols, 1.0f, x, w->cols, e->tile, w->cols, 0.0f,
-                    y + r0, w->rows);
+        const float *xs = x;
+        float *ys = y;
+        for (int s = 0; s < n_seg; s++) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seg[s], n, w->cols, 1.0f, xs, w->cols, e->tile,
+                        w->cols, 0.0f, ys + r0, w->rows);
+            xs += (size_t)seg[s] * (size_t)w->cols;
+            ys += (size_t)seg[s] * (size_t)w->rows;
+        }
     }
 }
 
 /* y = x W^T for the step's rows: rows [0, n_plain) through the engine's
- * kernels, rows [n_plain, T) (prompt rows) through OpenBLAS. */
+ * kernels, rows [n_plain, T) (prompt rows, item by item as e->seg lists
+ * them) through OpenBLAS. */
 static void matmul(engine *e, const wmat *w, const float *x, int T, int n_plain, float *y) {
     if (n_plain > 0) {
         mm_job j = {e, w, x, n_plain, y};
         pool_run(e->pool, mm_worker, &j);
     }
     if (T > n_plain)
-        matmul_blas(e, w, x + (size_t)n_plain * (size_t)w->cols, T - n_plain, y + (size_t)n_plain * (size_t)w->rows);
+        matmul_blas(e, w, x + (size_t)n_plain * (size_t)w->cols, e->seg, e->n_blas,
+                    y + (size_t)n_plain * (size_t)w->rows);
 }
 
 /* RoPE in place on n_heads heads of each row. */
@@ -794,11 +829,16 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
 
     /* Row layout: non-prompt items first, then prompt items (OpenBLAS). */
     int r = 0, n_plain = 0;
+    e->n_blas = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < n_items; i++) {
             engine_batch_item *it = &items[i];
             bool blas = it->prompt && e->params.blas_prompt;
             if (blas != (pass == 1)) continue;
+            if (blas) {
+                e->blas_rows[e->n_blas] = it->n_tokens;
+                e->blas_out[e->n_blas++] = it->all_logits ? it->n_tokens : 1;
+            }
             e->item_first[i] = r;
             int p0 = e->kv.seqs[it->seq].n_tokens;
             for (int t = 0; t < it->n_tokens; t++, r++) {
@@ -835,10 +875,12 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
         fused_job fj = {e, T, n_out};
         pool_run(e->pool, fused_worker, &fj);
     } else {
+        e->seg = e->blas_rows;
         for (int l = 0; l < m->n_layer; l++) layer_forward(e, l, T, n_plain, items, n_items);
         for (o = 0; o < n_out; o++)
             rmsnorm(e->hid + (size_t)o * (size_t)D, e->x + (size_t)e->out_row[o] * (size_t)D, m->output_norm, D,
                     m->norm_eps);
+        e->seg = e->blas_out;
         matmul(e, &m->output, e->hid, n_out, o_plain, e->logits);
     }
 
