@@ -27,6 +27,9 @@
 
 /* Cap on the f32 buffer that holds dequantised weight rows for sgemm. */
 #define BLAS_TILE_BYTES (32u << 20)
+/* Rows per OpenBLAS call (see matmul_blas).  A multiple of OpenBLAS's
+ * largest M unroll (16 on SkylakeX, 8 or less elsewhere). */
+#define BLAS_M 64
 
 struct engine {
     engine_params params;
@@ -60,11 +63,6 @@ struct engine {
     int32_t *row_tok;
     int *out_row;       /* [max_T] rows whose logits are computed */
     int *item_first;    /* [max_T] first row of each item */
-    /* Prompt items through OpenBLAS, in row order: rows of each (blas_rows)
-     * and rows of each that need logits (blas_out).  matmul() reads the list
-     * seg points to; see matmul_blas for why it goes item by item. */
-    int *blas_rows, *blas_out, n_blas;
-    const int *seg;
 
     engine_counters counters;
     engine_attn_observer observer;
@@ -260,8 +258,9 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
         }
     }
 
-    /* Activations. */
-    size_t T = (size_t)e->max_T;
+    /* Activations.  Row buffers get BLAS_M - 1 spare rows: OpenBLAS calls
+     * always take BLAS_M rows, the last group padded (see matmul_blas). */
+    size_t T = (size_t)e->max_T + BLAS_M - 1;
     int qd = m->n_head * m->head_dim, kvd = m->n_head_kv * m->head_dim;
     e->x = xcalloc(T * (size_t)m->n_embd, sizeof(float), &ok);
     e->xn = xcalloc(T * (size_t)m->n_embd, sizeof(float), &ok);
@@ -282,8 +281,6 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
     e->row_tok = xcalloc(T, sizeof(int32_t), &ok);
     e->out_row = xcalloc(T, sizeof(int), &ok);
     e->item_first = xcalloc(T, sizeof(int), &ok);
-    e->blas_rows = xcalloc(T, sizeof(int), &ok);
-    e->blas_out = xcalloc(T, sizeof(int), &ok);
     bool any_probs = false;
     for (int l = 0; l < L; l++) any_probs |= e->keep_probs[l];
     if (any_probs) {
@@ -364,7 +361,6 @@ void engine_close(engine *e) {
     free(e->x); free(e->xn); free(e->tmp); free(e->hid); free(e->q); free(e->att); free(e->k); free(e->v);
     free(e->gate); free(e->up); free(e->logits); free(e->scores); free(e->probs); free(e->tile); free(e->xn_t);
     free(e->row_seq); free(e->row_pos); free(e->row_item); free(e->row_tok); free(e->out_row); free(e->item_first);
-    free(e->blas_rows); free(e->blas_out);
     free(e);
 }
 
@@ -488,20 +484,24 @@ static void dq_worker(void *arg, int ith, int nth) {
                         j->tile + (size_t)r * (size_t)j->w->cols, j->w->cols);
 }
 
-/* y[T][rows] = x[T][cols] W^T through OpenBLAS: weights are dequantised a
- * tile of rows at a time.  One sgemm per prompt item (seg[0..n_seg) rows
- * each): OpenBLAS's result for a row depends on the call's row count (it
- * switches to other kernels for small matrices; 0.3.21 on SkylakeX differs
- * for M < 4 at 384 x 384, M < 10 at 384 -> 128), so an item's rows must be
- * computed by the same call shape whether it runs alone or in a batch. */
-static void matmul_blas(engine *e, const wmat *w, const float *x, const int *seg, int n_seg, float *y) {
+/* y[T][rows] = x[T][cols] W^T through OpenBLAS; other weight types are
+ * dequantised a tile of rows at a time.
+ *
+ * OpenBLAS's result for a row depends on the call's row count M: 0.3.21
+ * switches to other kernels for small matrices (on SkylakeX results differ
+ * for M < 4 at 384 x 384, M < 10 at 384 -> 128).  Then a prompt's logits
+ * would depend on how it was chunked and on what else was in the batch.  So
+ * every call takes exactly BLAS_M rows: the rows go in groups of BLAS_M and
+ * the last group is padded with the spare rows every buffer has (whatever
+ * they hold is computed and ignored).  With M fixed, a row's result depends
+ * only on that row: each output element is one fixed FMA chain over k. */
+static void matmul_blas(engine *e, const wmat *w, const float *x, int T, float *y) {
+    int groups = (T + BLAS_M - 1) / BLAS_M;
     if (w->type == GGML_F32) {
-        for (int s = 0; s < n_seg; s++) {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seg[s], w->rows, w->cols, 1.0f, x, w->cols,
-                        (const float *)w->data, w->cols, 0.0f, y, w->rows);
-            x += (size_t)seg[s] * (size_t)w->cols;
-            y += (size_t)seg[s] * (size_t)w->rows;
-        }
+        for (int g = 0; g < groups; g++)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, BLAS_M, w->rows, w->cols, 1.0f,
+                        x + (size_t)g * BLAS_M * (size_t)w->cols, w->cols, (const float *)w->data, w->cols, 0.0f,
+                        y + (size_t)g * BLAS_M * (size_t)w->rows, w->rows);
         return;
     }
     int tile_rows = (int)(e->tile_floats / (size_t)w->cols);
@@ -509,28 +509,22 @@ static void matmul_blas(engine *e, const wmat *w, const float *x, const int *seg
         int n = w->rows - r0 < tile_rows ? w->rows - r0 : tile_rows;
         dq_job dj = {w, r0, n, e->tile};
         pool_run(e->pool, dq_worker, &dj);
-        const float *xs = x;
-        float *ys = y;
-        for (int s = 0; s < n_seg; s++) {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, seg[s], n, w->cols, 1.0f, xs, w->cols, e->tile,
-                        w->cols, 0.0f, ys + r0, w->rows);
-            xs += (size_t)seg[s] * (size_t)w->cols;
-            ys += (size_t)seg[s] * (size_t)w->rows;
-        }
+        for (int g = 0; g < groups; g++)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, BLAS_M, n, w->cols, 1.0f,
+                        x + (size_t)g * BLAS_M * (size_t)w->cols, w->cols, e->tile, w->cols, 0.0f,
+                        y + (size_t)g * BLAS_M * (size_t)w->rows + r0, w->rows);
     }
 }
 
 /* y = x W^T for the step's rows: rows [0, n_plain) through the engine's
- * kernels, rows [n_plain, T) (prompt rows, item by item as e->seg lists
- * them) through OpenBLAS. */
+ * kernels, rows [n_plain, T) (prompt rows) through OpenBLAS. */
 static void matmul(engine *e, const wmat *w, const float *x, int T, int n_plain, float *y) {
     if (n_plain > 0) {
         mm_job j = {e, w, x, n_plain, y};
         pool_run(e->pool, mm_worker, &j);
     }
     if (T > n_plain)
-        matmul_blas(e, w, x + (size_t)n_plain * (size_t)w->cols, e->seg, e->n_blas,
-                    y + (size_t)n_plain * (size_t)w->rows);
+        matmul_blas(e, w, x + (size_t)n_plain * (size_t)w->cols, T - n_plain, y + (size_t)n_plain * (size_t)w->rows);
 }
 
 /* RoPE in place on n_heads heads of each row. */
@@ -829,16 +823,11 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
 
     /* Row layout: non-prompt items first, then prompt items (OpenBLAS). */
     int r = 0, n_plain = 0;
-    e->n_blas = 0;
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < n_items; i++) {
             engine_batch_item *it = &items[i];
             bool blas = it->prompt && e->params.blas_prompt;
             if (blas != (pass == 1)) continue;
-            if (blas) {
-                e->blas_rows[e->n_blas] = it->n_tokens;
-                e->blas_out[e->n_blas++] = it->all_logits ? it->n_tokens : 1;
-            }
             e->item_first[i] = r;
             int p0 = e->kv.seqs[it->seq].n_tokens;
             for (int t = 0; t < it->n_tokens; t++, r++) {
@@ -875,12 +864,10 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
         fused_job fj = {e, T, n_out};
         pool_run(e->pool, fused_worker, &fj);
     } else {
-        e->seg = e->blas_rows;
         for (int l = 0; l < m->n_layer; l++) layer_forward(e, l, T, n_plain, items, n_items);
         for (o = 0; o < n_out; o++)
             rmsnorm(e->hid + (size_t)o * (size_t)D, e->x + (size_t)e->out_row[o] * (size_t)D, m->output_norm, D,
                     m->norm_eps);
-        e->seg = e->blas_out;
         matmul(e, &m->output, e->hid, n_out, o_plain, e->logits);
     }
 
