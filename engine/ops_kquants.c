@@ -28,15 +28,23 @@
  *   k >= 2) and its high two bits from bits 2k, 2k + 1 of qh[32h + l].
  *   Weight i: w = (d * scales[i / 16]) * (q - 32), in that order.
  *
+ * Every product above is exact in float32 (an f16 significand has 11 bits,
+ * a scale at most 7, a quant at most 6: at most 24 together), so the only
+ * rounding is Q4_K/Q5_K's final subtraction.  The SIMD dequantisation gives
+ * the same bits as ggml's dequantize_row_* whether or not a compiler fuses
+ * the multiply and subtract.
+ *
  * ==== Decode kernels ====
  *
  * As in ops_q8.c, each activation row is quantised once per call to int8
  * and the dot products are integer.  For the K-quants the activation blocks
  * are 256 wide (ggml's Q8_K): one float scale amax/127 per block, plus the
  * sums of each 16 and 32 quantised values; Q4_0 uses blocks of 32 like
- * Q8_0.  The weights' quants are unsigned (0..15, 0..31, 0..63), so the
- * unsigned-by-signed byte multiply (vpmaddubsw) takes them as they are; Q4_0's
- * -8, Q6_K's -32 and the K-quant mins come in through the activation sums.
+ * Q8_0.  The int8 values are stored in the order each kernel reads them
+ * (see quant_act).  The weights' quants are unsigned (0..15, 0..31, 0..63),
+ * so the unsigned-by-signed byte multiply (vpmaddubsw) takes them as they
+ * are; Q4_0's -8, Q6_K's -32 and the K-quant mins come in through the
+ * activation sums.
  * Within a 256-block everything is int32 and exact:
  *   isum = sum_j sc_j * (q_j . x_j)   (vpmaddubsw, then vpmaddwd / vpdpwssd with the scales)
  *   msum = sum_j m_j * xsum_j
