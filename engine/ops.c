@@ -100,6 +100,12 @@ static void dequant_row_scalar(uint32_t type, const void *row, float *dst, int n
         }
         break;
     }
+    case GGML_Q4_0:
+    case GGML_Q4_K:
+    case GGML_Q5_K:
+    case GGML_Q6_K:
+        dequant_kq(type, row, dst, n);
+        break;
     }
 }
 
@@ -113,6 +119,10 @@ static void gemm_scalar(uint32_t type, const void *w, size_t rb, int rows, const
                         float *y, size_t ldy, int n) {
     if (type == GGML_Q8_0) {
         gemm_q8_0(w, rb, rows, x, ldx, T, y, ldy, n);
+        return;
+    }
+    if (ops_kq_type(type)) {
+        gemm_kq(type, w, rb, rows, x, ldx, T, y, ldy, n);
         return;
     }
     float tmp[n];
@@ -187,6 +197,10 @@ AVX2_ATTR static inline __m256 load8_avx2(uint32_t type, const void *row, int k)
 }
 
 AVX2_ATTR static void dequant_row_avx2(uint32_t type, const void *row, float *dst, int n) {
+    if (ops_kq_type(type)) {
+        dequant_kq(type, row, dst, n);
+        return;
+    }
     int k = 0;
     for (; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, load8_avx2(type, row, k));
     if (k < n) {
@@ -232,6 +246,10 @@ AVX2_ATTR static void gemm_avx2(uint32_t type, const void *w, size_t rb, int row
                                 int T, float *y, size_t ldy, int n) {
     if (type == GGML_Q8_0) {
         gemm_q8_0(w, rb, rows, x, ldx, T, y, ldy, n);
+        return;
+    }
+    if (ops_kq_type(type)) {
+        gemm_kq(type, w, rb, rows, x, ldx, T, y, ldy, n);
         return;
     }
     if (n % 8) {
@@ -360,6 +378,10 @@ AVX512_ATTR static inline __m512 load16_avx512(uint32_t type, const void *row, i
 }
 
 AVX512_ATTR static void dequant_row_avx512(uint32_t type, const void *row, float *dst, int n) {
+    if (ops_kq_type(type)) {
+        dequant_kq(type, row, dst, n);
+        return;
+    }
     int k = 0;
     for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, load16_avx512(type, row, k));
     if (k < n) dequant_row_avx2(type, (const char *)row + (size_t)k * (type == GGML_F32 ? 4 : 2), dst + k, n - k);
@@ -415,6 +437,10 @@ GEMM_512(bf16, GGML_BF16)
 
 AVX512_ATTR static void gemm_avx512(uint32_t type, const void *w, size_t rb, int rows, const float *x, size_t ldx,
                                     int T, float *y, size_t ldy, int n) {
+    if (ops_kq_type(type)) {
+        gemm_kq(type, w, rb, rows, x, ldx, T, y, ldy, n);
+        return;
+    }
     if (n % 16) { /* unusual widths: the AVX2 kernels handle multiples of 8 */
         gemm_avx2(type, w, rb, rows, x, ldx, T, y, ldy, n);
         return;
@@ -518,7 +544,7 @@ AVX512_ATTR static void kv_accum_avx512(float *out, const float *p, const void *
 /* ==== Dispatch ========================================================= */
 
 int ops_type_supported(uint32_t type) {
-    return type == GGML_F32 || type == GGML_F16 || type == GGML_BF16 || type == GGML_Q8_0;
+    return type == GGML_F32 || type == GGML_F16 || type == GGML_BF16 || type == GGML_Q8_0 || ops_kq_type(type);
 }
 
 const char *ops_init(const char *family) {
@@ -528,6 +554,7 @@ const char *ops_init(const char *family) {
     if (strcmp(family, "avx512") == 0 && strcmp(best, "avx512") != 0) family = best;
     if (strcmp(family, "avx2") == 0 && strcmp(best, "scalar") == 0) family = best;
     ops_q8_init(family);
+    ops_kq_init(family);
     if (strcmp(family, "avx512") == 0) {
         ops = (ops_table){gemm_avx512,     dequant_row_avx512,    dot_f32_avx512, dot_f32_f16_avx512,
                           axpy_f32_avx512, axpy_f16_avx512,       f32_to_f16_row_avx512, kv_dots_avx512,

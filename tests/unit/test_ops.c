@@ -608,8 +608,12 @@ START_TEST(test_dispatch) {
     ck_assert(ops_type_supported(GGML_F16));
     ck_assert(ops_type_supported(GGML_BF16));
     ck_assert(ops_type_supported(GGML_Q8_0));
-    ck_assert(!ops_type_supported(GGML_Q4_0));
-    ck_assert(!ops_type_supported(GGML_Q6_K));
+    ck_assert(ops_type_supported(GGML_Q4_0));
+    ck_assert(ops_type_supported(GGML_Q4_K));
+    ck_assert(ops_type_supported(GGML_Q5_K));
+    ck_assert(ops_type_supported(GGML_Q6_K));
+    ck_assert(!ops_type_supported(GGML_Q4_1)); /* known to the reader, not computed */
+    ck_assert(!ops_type_supported(GGML_Q2_K));
     ck_assert_str_eq(ops_init(NULL), cpu_kernel_family());
     ck_assert_str_eq(ops_init("scalar"), "scalar");
     /* Never more than the CPU has. */
