@@ -983,8 +983,8 @@ START_TEST(test_model_errors) {
 
     /* A matrix in a type the engine cannot compute with. */
     fs = tiny_model();
-    fs.t[find_t(&fs, "blk.0.attn_q.weight")].type = GGML_Q4_0;
-    expect_open_fail(&fs, ENGINE_EUNSUPPORTED, "unsupported weight type", "'blk.0.attn_q.weight'", "Q4_0");
+    fs.t[find_t(&fs, "blk.0.attn_q.weight")].type = GGML_Q4_1;
+    expect_open_fail(&fs, ENGINE_EUNSUPPORTED, "unsupported weight type", "'blk.0.attn_q.weight'", "Q4_1");
 
     /* The model's own shared-layers key is checked like a configured one. */
     fs = tiny_model();
