@@ -37,10 +37,41 @@ static void row_weighted_v(const attn_job *j, const kv_seq *s, int g, const floa
     }
 }
 
+/* One pass over K and V with a running maximum (online softmax): for layers
+ * whose probabilities nobody reuses, each block's scores are turned into
+ * weights and applied to V right away, rescaling what was accumulated when
+ * the maximum grows.  out = sum_j softmax(s)_j V_j. */
+static void row_online(const attn_job *j, const kv_seq *s, int g, const float *q, float *out, int n, float scale) {
+    const kv_cache *c = j->kv;
+    int bt = c->block_tokens, hd = j->head_dim;
+    size_t step = (size_t)c->n_head_kv * (size_t)hd;
+    float sc[bt];
+    float m = -INFINITY, sum = 0;
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int p0 = 0; p0 < n; p0 += bt) {
+        int cnt = n - p0 < bt ? n - p0 : bt;
+        ops.kv_dots(q, kv_k_at(c, j->layer, s, p0, g), step, cnt, hd, c->f16, scale, sc);
+        float bm = sc[0];
+        for (int i = 1; i < cnt; i++) bm = sc[i] > bm ? sc[i] : bm;
+        if (bm > m) {
+            float r = expf(m - bm); /* 0 on the first block */
+            for (int d = 0; d < hd; d++) out[d] *= r;
+            sum *= r;
+            m = bm;
+        }
+        for (int i = 0; i < cnt; i++) {
+            sc[i] = expf(sc[i] - m);
+            sum += sc[i];
+        }
+        ops.kv_accum(out, sc, kv_v_at(c, j->layer, s, p0, g), step, cnt, hd, c->f16);
+    }
+    float inv = 1.0f / sum;
+    for (int d = 0; d < hd; d++) out[d] *= inv;
+}
+
 void attention_rows(attn_job *j, int ith, int nth) {
     int H = j->n_head, hd = j->head_dim, group = j->n_head / j->n_head_kv;
     float scale = 1.0f / sqrtf((float)hd);
-    float *scores = j->scores + (size_t)ith * (size_t)j->scores_stride;
     long total = (long)j->n_rows * H;
     for (long u = ith; u < total; u += nth) {
         int r = (int)(u / H), h = (int)(u % H), g = h / group;
@@ -52,10 +83,16 @@ void attention_rows(attn_job *j, int ith, int nth) {
             row_weighted_v(j, s, g, pr, out, n);
             continue;
         }
-        float *p = j->store_probs ? pr : scores;
-        row_scores(j, s, g, j->q + (size_t)r * (size_t)(H * hd) + (size_t)h * (size_t)hd, p, n, scale);
-        softmax(p, n);
-        row_weighted_v(j, s, g, p, out, n);
+        const float *q = j->q + (size_t)r * (size_t)(H * hd) + (size_t)h * (size_t)hd;
+        if (!j->store_probs) {
+            row_online(j, s, g, q, out, n, scale);
+            continue;
+        }
+        /* Probabilities that shared layers (or an observer) will read are
+         * computed whole, exactly as the reference defines them. */
+        row_scores(j, s, g, q, pr, n, scale);
+        softmax(pr, n);
+        row_weighted_v(j, s, g, pr, out, n);
     }
 }
 

@@ -4,9 +4,9 @@
  *
  * For a layer that computes its own attention, each (token, query head) row
  * gets P = softmax(q . K^T / sqrt(d)) over the positions up to its own, and
- * out = P V.  When the layer is the source of shared layers (or an observer
- * wants them) P is also written to the probability scratch, laid out
- * [token][head][n_ctx].
+ * out = P V: in one pass with an online softmax, or, when the layer is the
+ * source of shared layers (or an observer wants them), with P written whole
+ * to the probability scratch, laid out [token][head][n_ctx].
  *
  * A shared layer reads P from the scratch, as its source left it, and forms
  * out = P V with its own V: no Q, no K, no QK^T and no softmax.  Query head h
@@ -33,8 +33,6 @@ typedef struct {
     float *out;          /* [n_rows][n_head*head_dim] */
     float *probs;        /* [n_rows][n_head][probs_stride] */
     int probs_stride;
-    float *scores;       /* per thread [scores_stride] scratch */
-    int scores_stride;
 } attn_job;
 
 void attention_run(pool *p, attn_job *job);

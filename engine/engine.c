@@ -53,7 +53,6 @@ struct engine {
     float *hid;    /* [max_T][n_embd] final hidden rows that need logits */
     float *logits; /* [max_T][n_vocab] */
     float *probs;  /* [max_T][n_head][n_ctx] when any layer keeps them */
-    float *scores; /* [n_threads][n_ctx] */
     float *tile;   /* dequantised weight rows for sgemm */
     float *xn_t;   /* [n_threads][max_T][n_embd]: per-thread normed rows (fused path) */
     size_t tile_floats;
@@ -273,7 +272,6 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
     e->gate = xcalloc(T * (size_t)m->n_ff, sizeof(float), &ok);
     e->up = xcalloc(T * (size_t)m->n_ff, sizeof(float), &ok);
     e->logits = xcalloc(T * (size_t)m->n_vocab, sizeof(float), &ok);
-    e->scores = xcalloc((size_t)p->n_threads * (size_t)e->n_ctx, sizeof(float), &ok);
     e->xn_t = xcalloc((size_t)p->n_threads * T * (size_t)m->n_embd, sizeof(float), &ok);
     e->row_seq = xcalloc(T, sizeof(int), &ok);
     e->row_pos = xcalloc(T, sizeof(int), &ok);
@@ -359,7 +357,7 @@ void engine_close(engine *e) {
     free(e->shared); free(e->source); free(e->has_k); free(e->keep_probs);
     free(e->rope_cos); free(e->rope_sin);
     free(e->x); free(e->xn); free(e->tmp); free(e->hid); free(e->q); free(e->att); free(e->k); free(e->v);
-    free(e->gate); free(e->up); free(e->logits); free(e->scores); free(e->probs); free(e->tile); free(e->xn_t);
+    free(e->gate); free(e->up); free(e->logits); free(e->probs); free(e->tile); free(e->xn_t);
     free(e->row_seq); free(e->row_pos); free(e->row_item); free(e->row_tok); free(e->out_row); free(e->item_first);
     free(e);
 }
@@ -621,7 +619,6 @@ static void layer_forward(engine *e, int l, int T, int n_plain, engine_batch_ite
         .kv = &e->kv, .layer = l, .shared = e->shared[l], .store_probs = e->keep_probs[l], .n_rows = T,
         .row_seq = e->row_seq, .row_pos = e->row_pos, .n_head = m->n_head, .n_head_kv = m->n_head_kv,
         .head_dim = m->head_dim, .q = e->q, .out = e->att, .probs = e->probs, .probs_stride = e->n_ctx,
-        .scores = e->scores, .scores_stride = e->n_ctx,
     };
     attention_run(e->pool, &aj);
     if (e->observer && e->keep_probs[l] && !e->shared[l]) {
@@ -759,7 +756,7 @@ static void fused_worker(void *arg, int ith, int nth) {
         attn_job aj = {
             .kv = &e->kv, .layer = l, .shared = e->shared[l], .store_probs = e->keep_probs[l], .n_rows = T,
             .row_seq = e->row_seq, .row_pos = e->row_pos, .n_head = H, .n_head_kv = G, .head_dim = hd, .q = e->q,
-            .out = e->att, .probs = e->probs, .probs_stride = e->n_ctx, .scores = e->scores, .scores_stride = e->n_ctx,
+            .out = e->att, .probs = e->probs, .probs_stride = e->n_ctx
         };
         attention_rows(&aj, ith, nth);
         pool_barrier(e->pool);

