@@ -525,30 +525,13 @@ static void matmul(engine *e, const wmat *w, const float *x, int T, int n_plain,
         matmul_blas(e, w, x + (size_t)n_plain * (size_t)w->cols, T - n_plain, y + (size_t)n_plain * (size_t)w->rows);
 }
 
+static void rope_one(const engine *e, float *v, int pos);
+
 /* RoPE in place on n_heads heads of each row. */
 static void rope_rows(engine *e, float *x, int T, int n_heads) {
-    const model *m = &e->m;
-    int hd = m->head_dim, half = m->n_rot / 2;
-    for (int r = 0; r < T; r++) {
-        const float *c = e->rope_cos + (size_t)e->row_pos[r] * (size_t)half;
-        const float *s = e->rope_sin + (size_t)e->row_pos[r] * (size_t)half;
-        for (int h = 0; h < n_heads; h++) {
-            float *v = x + ((size_t)r * (size_t)n_heads + (size_t)h) * (size_t)hd;
-            if (m->rope == ROPE_NORM) {
-                for (int i = 0; i < half; i++) {
-                    float a = v[2 * i], b = v[2 * i + 1];
-                    v[2 * i] = a * c[i] - b * s[i];
-                    v[2 * i + 1] = a * s[i] + b * c[i];
-                }
-            } else {
-                for (int i = 0; i < half; i++) {
-                    float a = v[i], b = v[i + half];
-                    v[i] = a * c[i] - b * s[i];
-                    v[i + half] = a * s[i] + b * c[i];
-                }
-            }
-        }
-    }
+    int hd = e->m.head_dim;
+    for (int r = 0; r < T; r++)
+        for (int h = 0; h < n_heads; h++) rope_one(e, x + ((size_t)r * (size_t)n_heads + (size_t)h) * (size_t)hd, e->row_pos[r]);
 }
 
 static void add_bias(const engine *e, const float *b, float *x, int r, int h, int n_heads) {

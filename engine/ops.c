@@ -274,45 +274,9 @@ AVX2_ATTR static void gemm_avx2(uint32_t type, const void *w, size_t rb, int row
     }
 }
 
-AVX2_ATTR static float dot_f32_avx2(const float *a, const float *b, int n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-    int k = 0;
-    for (; k + 16 <= n; k += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
-    }
-    for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-    float s = hsum256(_mm256_add_ps(s0, s1));
-    for (; k < n; k++) s += a[k] * b[k];
-    return s;
-}
 
-AVX2_ATTR static float dot_f32_f16_avx2(const float *a, const uint16_t *b, int n) {
-    __m256 s0 = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 8 <= n; k += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + k))), s0);
-    float s = hsum256(s0);
-    for (; k < n; k++) s += a[k] * _cvtsh_ss(b[k]);
-    return s;
-}
 
-AVX2_ATTR static void axpy_f32_avx2(float *y, float a, const float *x, int n) {
-    __m256 va = _mm256_set1_ps(a);
-    int k = 0;
-    for (; k + 8 <= n; k += 8)
-        _mm256_storeu_ps(y + k, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
-    for (; k < n; k++) y[k] += a * x[k];
-}
 
-AVX2_ATTR static void axpy_f16_avx2(float *y, float a, const uint16_t *x, int n) {
-    __m256 va = _mm256_set1_ps(a);
-    int k = 0;
-    for (; k + 8 <= n; k += 8)
-        _mm256_storeu_ps(y + k, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + k))),
-                                                _mm256_loadu_ps(y + k)));
-    for (; k < n; k++) y[k] += a * _cvtsh_ss(x[k]);
-}
 
 AVX2_ATTR static void f32_to_f16_row_avx2(uint16_t *dst, const float *src, int n) {
     int k = 0;
@@ -453,45 +417,9 @@ AVX512_ATTR static void gemm_avx512(uint32_t type, const void *w, size_t rb, int
     }
 }
 
-AVX512_ATTR static float dot_f32_avx512(const float *a, const float *b, int n) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
-    int k = 0;
-    for (; k + 32 <= n; k += 32) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), s1);
-    }
-    for (; k + 16 <= n; k += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), s0);
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    for (; k < n; k++) s += a[k] * b[k];
-    return s;
-}
 
-AVX512_ATTR static float dot_f32_f16_avx512(const float *a, const uint16_t *b, int n) {
-    __m512 s0 = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 16 <= n; k += 16)
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(b + k))), s0);
-    float s = _mm512_reduce_add_ps(s0);
-    for (; k < n; k++) s += a[k] * _cvtsh_ss(b[k]);
-    return s;
-}
 
-AVX512_ATTR static void axpy_f32_avx512(float *y, float a, const float *x, int n) {
-    __m512 va = _mm512_set1_ps(a);
-    int k = 0;
-    for (; k + 16 <= n; k += 16)
-        _mm512_storeu_ps(y + k, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + k), _mm512_loadu_ps(y + k)));
-    for (; k < n; k++) y[k] += a * x[k];
-}
 
-AVX512_ATTR static void axpy_f16_avx512(float *y, float a, const uint16_t *x, int n) {
-    __m512 va = _mm512_set1_ps(a);
-    int k = 0;
-    for (; k + 16 <= n; k += 16)
-        _mm512_storeu_ps(y + k, _mm512_fmadd_ps(va, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + k))),
-                                                _mm512_loadu_ps(y + k)));
-    for (; k < n; k++) y[k] += a * _cvtsh_ss(x[k]);
-}
 
 AVX512_ATTR static void f32_to_f16_row_avx512(uint16_t *dst, const float *src, int n) {
     int k = 0;
@@ -556,20 +484,14 @@ const char *ops_init(const char *family) {
     ops_q8_init(family);
     ops_kq_init(family);
     if (strcmp(family, "avx512") == 0) {
-        ops = (ops_table){gemm_avx512,     dequant_row_avx512,    dot_f32_avx512, dot_f32_f16_avx512,
-                          axpy_f32_avx512, axpy_f16_avx512,       f32_to_f16_row_avx512, kv_dots_avx512,
-                          kv_accum_avx512};
+        ops = (ops_table){gemm_avx512, dequant_row_avx512, f32_to_f16_row_avx512, kv_dots_avx512, kv_accum_avx512};
         return "avx512";
     }
     if (strcmp(family, "avx2") == 0) {
-        ops = (ops_table){gemm_avx2,     dequant_row_avx2,    dot_f32_avx2, dot_f32_f16_avx2,
-                          axpy_f32_avx2, axpy_f16_avx2,       f32_to_f16_row_avx2, kv_dots_avx2,
-                          kv_accum_avx2};
+        ops = (ops_table){gemm_avx2, dequant_row_avx2, f32_to_f16_row_avx2, kv_dots_avx2, kv_accum_avx2};
         return "avx2";
     }
-    ops = (ops_table){gemm_scalar,     dequant_row_scalar,    dot_f32_scalar, dot_f32_f16_scalar,
-                      axpy_f32_scalar, axpy_f16_scalar,       f32_to_f16_row_scalar, kv_dots_scalar,
-                      kv_accum_scalar};
+    ops = (ops_table){gemm_scalar, dequant_row_scalar, f32_to_f16_row_scalar, kv_dots_scalar, kv_accum_scalar};
     return "scalar";
 }
 

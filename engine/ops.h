@@ -62,11 +62,6 @@ typedef struct {
                  size_t ldy, int n);
     /* dst[0..n) = row as float32. */
     void (*dequant_row)(uint32_t type, const void *row, float *dst, int n);
-    float (*dot_f32)(const float *a, const float *b, int n);
-    float (*dot_f32_f16)(const float *a, const uint16_t *b, int n);
-    /* y += a * x */
-    void (*axpy_f32)(float *y, float a, const float *x, int n);
-    void (*axpy_f16)(float *y, float a, const uint16_t *x, int n);
     void (*f32_to_f16_row)(uint16_t *dst, const float *src, int n);
     /* Attention over m cached positions `step` elements apart (f16 or f32):
      * out[i] = scale * q . k_i, and out += sum_i p[i] v_i. */

@@ -135,43 +135,36 @@ static req_event *push_event(request *r) {
     return e;
 }
 
+/* Appends a token event; called with mu held. */
+static void token_event(request *r, bool prompt, int choice, int32_t token, float logprob, int n_top,
+                        const int32_t *top_ids, const float *top_lps, const char *text, size_t len) {
+    req_event *e = push_event(r);
+    if (!e) return;
+    e->type = EV_TOKEN;
+    e->prompt = prompt;
+    e->choice = choice;
+    e->token = token;
+    e->logprob = logprob;
+    e->n_top = n_top > REQ_MAX_TOP_LOGPROBS ? REQ_MAX_TOP_LOGPROBS : n_top;
+    for (int i = 0; i < e->n_top; i++) {
+        e->top_ids[i] = top_ids[i];
+        e->top_lps[i] = top_lps[i];
+    }
+    e->text_off = r->out.text.len;
+    e->text_len = len && buf_append(&r->out.text, text, len) ? len : 0;
+}
+
 void request_post_token(request *r, int choice, int32_t token, float logprob, int n_top, const int32_t *top_ids,
                         const float *top_lps, const char *text, size_t len) {
     pthread_mutex_lock(&r->mu);
-    req_event *e = push_event(r);
-    if (e) {
-        e->type = EV_TOKEN;
-        e->choice = choice;
-        e->token = token;
-        e->logprob = logprob;
-        e->n_top = n_top > REQ_MAX_TOP_LOGPROBS ? REQ_MAX_TOP_LOGPROBS : n_top;
-        for (int i = 0; i < e->n_top; i++) {
-            e->top_ids[i] = top_ids[i];
-            e->top_lps[i] = top_lps[i];
-        }
-        e->text_off = r->out.text.len;
-        e->text_len = buf_append(&r->out.text, text, len) ? len : 0;
-    }
+    token_event(r, false, choice, token, logprob, n_top, top_ids, top_lps, text, len);
     pthread_mutex_unlock(&r->mu);
 }
 
 void request_post_prompt_token(request *r, int choice, int32_t token, float logprob, int n_top,
                                const int32_t *top_ids, const float *top_lps) {
     pthread_mutex_lock(&r->mu);
-    req_event *e = push_event(r);
-    if (e) {
-        e->type = EV_TOKEN;
-        e->prompt = true;
-        e->choice = choice;
-        e->token = token;
-        e->logprob = logprob;
-        e->n_top = n_top > REQ_MAX_TOP_LOGPROBS ? REQ_MAX_TOP_LOGPROBS : n_top;
-        for (int i = 0; i < e->n_top; i++) {
-            e->top_ids[i] = top_ids[i];
-            e->top_lps[i] = top_lps[i];
-        }
-        e->text_off = r->out.text.len;
-    }
+    token_event(r, true, choice, token, logprob, n_top, top_ids, top_lps, NULL, 0);
     pthread_mutex_unlock(&r->mu);
 }
 

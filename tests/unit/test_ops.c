@@ -443,45 +443,52 @@ END_TEST
 
 /* ==== dot, axpy, f32 -> f16 rows ======================================= */
 
-START_TEST(test_vector_kernels) {
-    enum { N = 200 };
-    float a[N], b[N], y0[N];
-    uint16_t h[N];
+/* Attention block kernels: m cached positions `step` elements apart, f32 or
+ * f16, head sizes with and without a SIMD tail, against double precision. */
+START_TEST(test_kv_kernels) {
+    enum { M = 19, STEP = 200 };
+    static float kf[M * STEP], q[STEP], p[M];
+    static uint16_t kh[M * STEP];
     rng_state = 17;
-    for (int i = 0; i < N; i++) {
-        a[i] = frand() * 3.0f;
-        b[i] = frand();
-        h[i] = f32_to_f16(frand() * 2.0f);
-        y0[i] = frand();
+    for (int i = 0; i < M * STEP; i++) {
+        kf[i] = frand() * 2.0f;
+        kh[i] = f32_to_f16(frand() * 2.0f);
     }
+    for (int i = 0; i < STEP; i++) q[i] = frand() * 3.0f;
+    for (int i = 0; i < M; i++) p[i] = frand();
     const char *fams[] = {"scalar", "avx2", "avx512"};
+    const int hds[] = {8, 16, 24, 32, 64, 128, 7, 33};
     for (size_t f = 0; f < 3; f++) {
         if (!family_available(fams[f])) continue;
         ops_init(fams[f]);
-        for (int n = 0; n <= N; n += (n < 40 ? 1 : 37)) {
-            double d = 0, dh = 0, mag = 0, magh = 0;
-            for (int i = 0; i < n; i++) {
-                d += (double)a[i] * b[i];
-                mag += fabs((double)a[i] * b[i]);
-                dh += (double)a[i] * f16_to_f32(h[i]);
-                magh += fabs((double)a[i] * f16_to_f32(h[i]));
-            }
-            ck_assert_msg(fabs(ops.dot_f32(a, b, n) - d) <= 1e-5 * mag, "%s dot_f32 n=%d", fams[f], n);
-            ck_assert_msg(fabs(ops.dot_f32_f16(a, h, n) - dh) <= 1e-5 * magh, "%s dot_f32_f16 n=%d: %.9g vs %.9g",
-                          fams[f], n, ops.dot_f32_f16(a, h, n), dh);
-            float y[N], yh[N];
-            memcpy(y, y0, sizeof y);
-            memcpy(yh, y0, sizeof yh);
-            const float alpha = -0.37f;
-            ops.axpy_f32(y, alpha, a, n);
-            ops.axpy_f16(yh, alpha, h, n);
-            for (int i = 0; i < N; i++) {
-                double e = i < n ? (double)y0[i] + (double)alpha * a[i] : y0[i];
-                double eh = i < n ? (double)y0[i] + (double)alpha * f16_to_f32(h[i]) : y0[i];
-                double tol = 2e-7 * (fabs((double)y0[i]) + fabs((double)alpha * a[i])) + 1e-30;
-                double tolh = 2e-7 * (fabs((double)y0[i]) + fabs((double)alpha * f16_to_f32(h[i]))) + 1e-30;
-                ck_assert_msg(fabs(y[i] - e) <= tol, "%s axpy_f32 n=%d i=%d", fams[f], n, i);
-                ck_assert_msg(fabs(yh[i] - eh) <= tolh, "%s axpy_f16 n=%d i=%d", fams[f], n, i);
+        for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++) {
+            int hd = hds[hi];
+            for (int half = 0; half < 2; half++) {
+                const void *k = half ? (const void *)kh : (const void *)kf;
+                float out[M], acc[128 + 8];
+                const float scale = 0.125f;
+                ops.kv_dots(q, k, STEP, M, hd, half, scale, out);
+                for (int d = 0; d < hd; d++) acc[d] = 0.5f;
+                ops.kv_accum(acc, p, k, STEP, M, hd, half);
+                for (int i = 0; i < M; i++) {
+                    double s = 0, mag = 0;
+                    for (int d = 0; d < hd; d++) {
+                        double kv = half ? f16_to_f32(kh[i * STEP + d]) : kf[i * STEP + d];
+                        s += q[d] * kv;
+                        mag += fabs(q[d] * kv);
+                    }
+                    ck_assert_msg(fabs(out[i] - s * scale) <= 1e-5 * mag * scale + 1e-30, "%s kv_dots hd=%d f16=%d",
+                                  fams[f], hd, half);
+                }
+                for (int d = 0; d < hd; d++) {
+                    double s = 0.5, mag = 0.5;
+                    for (int i = 0; i < M; i++) {
+                        double kv = half ? f16_to_f32(kh[i * STEP + d]) : kf[i * STEP + d];
+                        s += p[i] * kv;
+                        mag += fabs(p[i] * kv);
+                    }
+                    ck_assert_msg(fabs(acc[d] - s) <= 1e-5 * mag, "%s kv_accum hd=%d f16=%d", fams[f], hd, half);
+                }
             }
         }
     }
@@ -646,7 +653,7 @@ Suite *ops_suite(void) {
 
     tc = tcase_create("vector");
     tcase_add_checked_fixture(tc, NULL, restore_ops);
-    tcase_add_test(tc, test_vector_kernels);
+    tcase_add_test(tc, test_kv_kernels);
     tcase_add_test(tc, test_f32_to_f16_row);
     suite_add_tcase(s, tc);
 
