@@ -44,7 +44,9 @@ static void *worker(void *v) {
     pool *p = wa->p;
     int ith = wa->ith;
     free(wa);
-    unsigned seen = atomic_load(&p->gen);
+    /* Not atomic_load(&p->gen): a job published before this thread got
+     * going would then look already done. */
+    unsigned seen = 0;
     for (;;) {
         unsigned g;
         int spins = 0;
