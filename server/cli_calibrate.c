@@ -46,6 +46,10 @@
 /* Tokens per step in the similarity pass: the observer keeps every layer's
  * rows of the step, L * H * ctx^2 / 2 floats per window. */
 #define SIM_BATCH_TOKENS 1024
+/* ... and at most this much of them (a define to let tests force chunks). */
+#ifndef SIM_MEMORY_BYTES
+#define SIM_MEMORY_BYTES ((size_t)1 << 30)
+#endif
 
 static void calibrate_usage(FILE *f) {
     fprintf(f,
@@ -539,6 +543,17 @@ static int similarity_pass(engine_params *p, long *ctx, const char *text_path, c
     *status = 1;
     const engine_info *in = engine_get_info(e);
     int L = in->n_layer, H = in->n_head, rc = 1;
+    /* The observer keeps up to L * H * ctx floats per row of a step: a big
+     * model gets fewer rows per step (windows are then fed in chunks). */
+    size_t row_bytes = (size_t)L * (size_t)H * (size_t)*ctx * sizeof(float);
+    if ((size_t)in->max_batch_tokens * row_bytes > SIM_MEMORY_BYTES) {
+        long rows = (long)(SIM_MEMORY_BYTES / row_bytes);
+        engine_close(e);
+        e = eval_open(p, ctx, rows > 0 ? (int)rows : 1, true, prog, status);
+        if (!e) return 1;
+        *status = 1;
+        in = engine_get_info(e);
+    }
     sim_state st = {.L = L, .H = H, .max_items = in->max_seqs};
     double *S = NULL;
     if (eval_stream_load(e, text_path, tokens_path, s, prog)) goto out;

@@ -27,8 +27,10 @@ engine *eval_open(engine_params *p, long *ctx, int batch_tokens, bool quiet, con
         *status = 2;
         return NULL;
     }
-    /* A first, small, silent open learns the model's context. */
+    /* A first, small, silent open learns the model's context and layer
+     * count (without sharing: a bad --shared-layers is a usage error). */
     engine_params probe = *p;
+    probe.shared_layers = "none";
     probe.max_seqs = 1;
     probe.max_batch_tokens = 16;
     probe.n_ctx = 0;
@@ -40,7 +42,19 @@ engine *eval_open(engine_params *p, long *ctx, int batch_tokens, bool quiet, con
     if (!e) return NULL;
     const engine_info *in = engine_get_info(e);
     int model_ctx = in->n_ctx_train > 0 ? in->n_ctx_train : in->n_ctx;
+    int n_layer = in->n_layer;
     engine_close(e);
+    if (p->shared_layers) {
+        bool *mask = calloc((size_t)n_layer, sizeof *mask);
+        char err[256];
+        int bad = !mask ? 0 : engine_parse_shared_layers(p->shared_layers, n_layer, mask, err, sizeof err);
+        free(mask);
+        if (bad) {
+            fprintf(stderr, "%s: %s\n", prog, err);
+            *status = 2;
+            return NULL;
+        }
+    }
     if (*ctx == 0) *ctx = EVAL_DEFAULT_CTX < model_ctx ? EVAL_DEFAULT_CTX : model_ctx;
     if (*ctx > model_ctx) {
         fprintf(stderr, "%s: --ctx %ld exceeds the model's context of %d tokens\n", prog, *ctx, model_ctx);

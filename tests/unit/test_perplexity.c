@@ -12,7 +12,8 @@
  *   text       --file: one BOS + the text; tokens scored = whole windows
  *   errors     usage errors (exit 2) and runtime errors (exit 1)
  *
- * Cases skip when ../shared (SASERVE_SHARED) is absent.
+ * Cases skip when ../shared (SASERVE_SHARED) is absent.  The reference case
+ * takes minutes on a small machine; it is tagged "slow".
  */
 #include <check.h>
 #include <jansson.h>
@@ -356,6 +357,8 @@ START_TEST(test_errors) {
     expect_fail(args, 2, "exceeds the model's context");
     snprintf(args, sizeof args, "perplexity --model '%s' --tokens '%s' --bogus", model, bin);
     expect_fail(args, 2, "unknown option");
+    snprintf(args, sizeof args, "perplexity --model '%s' --tokens '%s' --shared-layers 0-3", model, bin);
+    expect_fail(args, 2, "layer 0");
     snprintf(args, sizeof args, "calibrate --model '%s' --tokens '%s' --max-ppl-increase much", model, bin);
     expect_fail(args, 2, "--max-ppl-increase");
     snprintf(args, sizeof args, "calibrate --model '%s' --tokens '%s' --shared-layers 5-7", model, bin);
@@ -406,6 +409,7 @@ Suite *perplexity_suite(void) {
     /* Generous limits: the reference case is two full passes over the
      * validation stream, and sanitizer builds run several times slower. */
     TCase *tc = tcase_create("reference");
+    tcase_set_tags(tc, "slow"); /* CK_EXCLUDE_TAGS=slow leaves it out */
     tcase_set_timeout(tc, 1800);
     tcase_add_test(tc, test_reference_ppl);
     suite_add_tcase(s, tc);
