@@ -21,8 +21,9 @@
  *    layer's source is the nearest lower layer that does not share), so the
  *    parts' costs do not simply add up.  The union is kept when its measured
  *    perplexity is within the limit.  A union is not measured when the
- *    increases of the set so far and of the candidate together already
- *    exceed the limit (costs grow with sharing; this bounds the run time).
+ *    set's measured increase plus the candidate's per-layer cost for each
+ *    layer it adds already exceeds the limit (costs grow with sharing; this
+ *    bounds the run time).
  *    The answer is the kept set, or a single candidate within the limit
  *    that shares more layers (ties: lower perplexity); its perplexity is
  *    always a measurement of exactly that setting.
