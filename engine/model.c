@@ -151,6 +151,9 @@ static int load_hparams(loader *l) {
         return rc;
     if (m->n_head % m->n_head_kv)
         return lfail(l, ENGINE_EFORMAT, "head_count %d is not a multiple of head_count_kv %d", m->n_head, m->n_head_kv);
+    if (m->n_head / m->n_head_kv > 64)
+        return lfail(l, ENGINE_EUNSUPPORTED, "%d query heads per KV head is more than the 64 supported",
+                     m->n_head / m->n_head_kv);
     int def_hd = m->n_embd / m->n_head;
     if ((rc = get_int(l, "attention.key_length", false, def_hd, 1, 1024, &m->head_dim))) return rc;
     int vlen;

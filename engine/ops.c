@@ -146,18 +146,26 @@ static void axpy_f16_scalar(float *y, float a, const uint16_t *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * f16_to_f32(x[i]);
 }
 
-static void kv_dots_scalar(const float *q, const void *k, size_t step, int m, int hd, bool f16, float scale,
-                           float *out) {
-    for (int i = 0; i < m; i++)
-        out[i] = (f16 ? dot_f32_f16_scalar(q, (const uint16_t *)k + (size_t)i * step, hd)
-                      : dot_f32_scalar(q, (const float *)k + (size_t)i * step, hd)) * scale;
+/* Attention over m cached positions for nq query heads that read the same
+ * KV head (a GQA group): each K/V element is converted once for all nq. */
+static void kv_dots_scalar(const float *q, int nq, const void *k, size_t step, int m, int hd, bool f16, float scale,
+                           float *out, size_t ostride) {
+    for (int j = 0; j < nq; j++)
+        for (int i = 0; i < m; i++)
+            out[(size_t)j * ostride + (size_t)i] =
+                (f16 ? dot_f32_f16_scalar(q + (size_t)j * (size_t)hd, (const uint16_t *)k + (size_t)i * step, hd)
+                     : dot_f32_scalar(q + (size_t)j * (size_t)hd, (const float *)k + (size_t)i * step, hd)) * scale;
 }
 
-static void kv_accum_scalar(float *out, const float *p, const void *v, size_t step, int m, int hd, bool f16) {
-    for (int i = 0; i < m; i++) {
-        if (f16) axpy_f16_scalar(out, p[i], (const uint16_t *)v + (size_t)i * step, hd);
-        else axpy_f32_scalar(out, p[i], (const float *)v + (size_t)i * step, hd);
-    }
+static void kv_accum_scalar(float *out, int nq, const float *p, size_t pstride, const void *v, size_t step, int m,
+                            int hd, bool f16) {
+    for (int j = 0; j < nq; j++)
+        for (int i = 0; i < m; i++) {
+            float pi = p[(size_t)j * pstride + (size_t)i];
+            float *o = out + (size_t)j * (size_t)hd;
+            if (f16) axpy_f16_scalar(o, pi, (const uint16_t *)v + (size_t)i * step, hd);
+            else axpy_f32_scalar(o, pi, (const float *)v + (size_t)i * step, hd);
+        }
 }
 
 static void f32_to_f16_row_scalar(uint16_t *dst, const float *src, int n) {
@@ -291,30 +299,47 @@ AVX2_ATTR static inline __m256 kv_load8(const void *base, size_t off, bool f16) 
                : _mm256_loadu_ps((const float *)base + off);
 }
 
-AVX2_ATTR static void kv_dots_avx2(const float *q, const void *k, size_t step, int m, int hd, bool f16, float scale,
-                                   float *out) {
+#define KV_MAX_GROUP 8 /* query heads handled together; larger groups loop */
+
+AVX2_ATTR static void kv_dots_avx2(const float *q, int nq, const void *k, size_t step, int m, int hd, bool f16,
+                                   float scale, float *out, size_t ostride) {
     if (hd % 8) {
-        kv_dots_scalar(q, k, step, m, hd, f16, scale, out);
+        kv_dots_scalar(q, nq, k, step, m, hd, f16, scale, out, ostride);
         return;
     }
-    for (int i = 0; i < m; i++) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int c = 0; c < hd; c += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), kv_load8(k, (size_t)i * step + (size_t)c, f16), acc);
-        out[i] = hsum256(acc) * scale;
+    for (int j0 = 0; j0 < nq; j0 += KV_MAX_GROUP) {
+        int g = nq - j0 < KV_MAX_GROUP ? nq - j0 : KV_MAX_GROUP;
+        for (int i = 0; i < m; i++) {
+            __m256 acc[KV_MAX_GROUP];
+            for (int j = 0; j < g; j++) acc[j] = _mm256_setzero_ps();
+            for (int c = 0; c < hd; c += 8) {
+                __m256 kc = kv_load8(k, (size_t)i * step + (size_t)c, f16);
+                for (int j = 0; j < g; j++)
+                    acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(j0 + j) * (size_t)hd + c), kc, acc[j]);
+            }
+            for (int j = 0; j < g; j++) out[(size_t)(j0 + j) * ostride + (size_t)i] = hsum256(acc[j]) * scale;
+        }
     }
 }
 
-AVX2_ATTR static void kv_accum_avx2(float *out, const float *p, const void *v, size_t step, int m, int hd, bool f16) {
+AVX2_ATTR static void kv_accum_avx2(float *out, int nq, const float *p, size_t pstride, const void *v, size_t step,
+                                   int m, int hd, bool f16) {
     if (hd % 8) {
-        kv_accum_scalar(out, p, v, step, m, hd, f16);
+        kv_accum_scalar(out, nq, p, pstride, v, step, m, hd, f16);
         return;
     }
-    for (int c = 0; c < hd; c += 8) {
-        __m256 acc = _mm256_loadu_ps(out + c);
-        for (int i = 0; i < m; i++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), kv_load8(v, (size_t)i * step + (size_t)c, f16), acc);
-        _mm256_storeu_ps(out + c, acc);
+    for (int j0 = 0; j0 < nq; j0 += KV_MAX_GROUP) {
+        int g = nq - j0 < KV_MAX_GROUP ? nq - j0 : KV_MAX_GROUP;
+        for (int c = 0; c < hd; c += 8) {
+            __m256 acc[KV_MAX_GROUP];
+            for (int j = 0; j < g; j++) acc[j] = _mm256_loadu_ps(out + (size_t)(j0 + j) * (size_t)hd + c);
+            for (int i = 0; i < m; i++) {
+                __m256 vc = kv_load8(v, (size_t)i * step + (size_t)c, f16);
+                for (int j = 0; j < g; j++)
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(p[(size_t)(j0 + j) * pstride + (size_t)i]), vc, acc[j]);
+            }
+            for (int j = 0; j < g; j++) _mm256_storeu_ps(out + (size_t)(j0 + j) * (size_t)hd + c, acc[j]);
+        }
     }
 }
 
@@ -429,44 +454,51 @@ AVX512_ATTR static void f32_to_f16_row_avx512(uint16_t *dst, const float *src, i
 }
 
 
-/* Attention over one block of cached positions: q stays in registers. */
-#define KV_MAX_CHUNKS 16 /* head_dim up to 256 */
-
 AVX512_ATTR static inline __m512 kv_load16(const void *base, size_t off, bool f16) {
     return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + off)))
                : _mm512_loadu_ps((const float *)base + off);
 }
 
-AVX512_ATTR static void kv_dots_avx512(const float *q, const void *k, size_t step, int m, int hd, bool f16,
-                                       float scale, float *out) {
-    int nc = hd / 16;
-    if (hd % 16 || nc > KV_MAX_CHUNKS) {
-        kv_dots_scalar(q, k, step, m, hd, f16, scale, out);
+AVX512_ATTR static void kv_dots_avx512(const float *q, int nq, const void *k, size_t step, int m, int hd, bool f16,
+                                       float scale, float *out, size_t ostride) {
+    if (hd % 16) {
+        kv_dots_avx2(q, nq, k, step, m, hd, f16, scale, out, ostride);
         return;
     }
-    __m512 qv[KV_MAX_CHUNKS];
-    for (int c = 0; c < nc; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
-    for (int i = 0; i < m; i++) {
-        __m512 acc = _mm512_mul_ps(qv[0], kv_load16(k, (size_t)i * step, f16));
-        for (int c = 1; c < nc; c++) acc = _mm512_fmadd_ps(qv[c], kv_load16(k, (size_t)i * step + 16 * (size_t)c, f16), acc);
-        out[i] = _mm512_reduce_add_ps(acc) * scale;
+    for (int j0 = 0; j0 < nq; j0 += KV_MAX_GROUP) {
+        int g = nq - j0 < KV_MAX_GROUP ? nq - j0 : KV_MAX_GROUP;
+        for (int i = 0; i < m; i++) {
+            __m512 acc[KV_MAX_GROUP];
+            for (int j = 0; j < g; j++) acc[j] = _mm512_setzero_ps();
+            for (int c = 0; c < hd; c += 16) {
+                __m512 kc = kv_load16(k, (size_t)i * step + (size_t)c, f16);
+                for (int j = 0; j < g; j++)
+                    acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (size_t)(j0 + j) * (size_t)hd + c), kc, acc[j]);
+            }
+            for (int j = 0; j < g; j++) out[(size_t)(j0 + j) * ostride + (size_t)i] = _mm512_reduce_add_ps(acc[j]) * scale;
+        }
     }
 }
 
-AVX512_ATTR static void kv_accum_avx512(float *out, const float *p, const void *v, size_t step, int m, int hd,
-                                        bool f16) {
-    int nc = hd / 16;
-    if (hd % 16 || nc > KV_MAX_CHUNKS) {
-        kv_accum_scalar(out, p, v, step, m, hd, f16);
+AVX512_ATTR static void kv_accum_avx512(float *out, int nq, const float *p, size_t pstride, const void *v,
+                                        size_t step, int m, int hd, bool f16) {
+    if (hd % 16) {
+        kv_accum_avx2(out, nq, p, pstride, v, step, m, hd, f16);
         return;
     }
-    __m512 acc[KV_MAX_CHUNKS];
-    for (int c = 0; c < nc; c++) acc[c] = _mm512_loadu_ps(out + 16 * c);
-    for (int i = 0; i < m; i++) {
-        __m512 pi = _mm512_set1_ps(p[i]);
-        for (int c = 0; c < nc; c++) acc[c] = _mm512_fmadd_ps(pi, kv_load16(v, (size_t)i * step + 16 * (size_t)c, f16), acc[c]);
+    for (int j0 = 0; j0 < nq; j0 += KV_MAX_GROUP) {
+        int g = nq - j0 < KV_MAX_GROUP ? nq - j0 : KV_MAX_GROUP;
+        for (int c = 0; c < hd; c += 16) {
+            __m512 acc[KV_MAX_GROUP];
+            for (int j = 0; j < g; j++) acc[j] = _mm512_loadu_ps(out + (size_t)(j0 + j) * (size_t)hd + c);
+            for (int i = 0; i < m; i++) {
+                __m512 vc = kv_load16(v, (size_t)i * step + (size_t)c, f16);
+                for (int j = 0; j < g; j++)
+                    acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)(j0 + j) * pstride + (size_t)i]), vc, acc[j]);
+            }
+            for (int j = 0; j < g; j++) _mm512_storeu_ps(out + (size_t)(j0 + j) * (size_t)hd + c, acc[j]);
+        }
     }
-    for (int c = 0; c < nc; c++) _mm512_storeu_ps(out + 16 * c, acc[c]);
 }
 
 /* ==== Dispatch ========================================================= */

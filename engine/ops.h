@@ -63,10 +63,14 @@ typedef struct {
     /* dst[0..n) = row as float32. */
     void (*dequant_row)(uint32_t type, const void *row, float *dst, int n);
     void (*f32_to_f16_row)(uint16_t *dst, const float *src, int n);
-    /* Attention over m cached positions `step` elements apart (f16 or f32):
-     * out[i] = scale * q . k_i, and out += sum_i p[i] v_i. */
-    void (*kv_dots)(const float *q, const void *k, size_t step, int m, int hd, bool f16, float scale, float *out);
-    void (*kv_accum)(float *out, const float *p, const void *v, size_t step, int m, int hd, bool f16);
+    /* Attention over m cached positions `step` elements apart (f16 or f32),
+     * for nq query heads that share one KV head (stored one after another,
+     * hd apart): out[j*ostride + i] = scale * q_j . k_i, and
+     * out_j += sum_i p[j*pstride + i] v_i. */
+    void (*kv_dots)(const float *q, int nq, const void *k, size_t step, int m, int hd, bool f16, float scale,
+                    float *out, size_t ostride);
+    void (*kv_accum)(float *out, int nq, const float *p, size_t pstride, const void *v, size_t step, int m, int hd,
+                     bool f16);
 } ops_table;
 
 extern ops_table ops;

@@ -444,53 +444,59 @@ END_TEST
 /* ==== dot, axpy, f32 -> f16 rows ======================================= */
 
 /* Attention block kernels: m cached positions `step` elements apart, f32 or
- * f16, head sizes with and without a SIMD tail, against double precision. */
+ * f16, nq query heads of one KV head, head sizes with and without a SIMD
+ * tail, against double precision. */
 START_TEST(test_kv_kernels) {
-    enum { M = 19, STEP = 200 };
-    static float kf[M * STEP], q[STEP], p[M];
+    enum { M = 19, STEP = 200, NQ = 11 };
+    static float kf[M * STEP], q[NQ * 128], p[NQ * M];
     static uint16_t kh[M * STEP];
     rng_state = 17;
     for (int i = 0; i < M * STEP; i++) {
         kf[i] = frand() * 2.0f;
         kh[i] = f32_to_f16(frand() * 2.0f);
     }
-    for (int i = 0; i < STEP; i++) q[i] = frand() * 3.0f;
-    for (int i = 0; i < M; i++) p[i] = frand();
+    for (int i = 0; i < NQ * 128; i++) q[i] = frand() * 3.0f;
+    for (int i = 0; i < NQ * M; i++) p[i] = frand();
     const char *fams[] = {"scalar", "avx2", "avx512"};
     const int hds[] = {8, 16, 24, 32, 64, 128, 7, 33};
+    const int nqs[] = {1, 3, 11};
     for (size_t f = 0; f < 3; f++) {
         if (!family_available(fams[f])) continue;
         ops_init(fams[f]);
-        for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++) {
-            int hd = hds[hi];
-            for (int half = 0; half < 2; half++) {
-                const void *k = half ? (const void *)kh : (const void *)kf;
-                float out[M], acc[128 + 8];
-                const float scale = 0.125f;
-                ops.kv_dots(q, k, STEP, M, hd, half, scale, out);
-                for (int d = 0; d < hd; d++) acc[d] = 0.5f;
-                ops.kv_accum(acc, p, k, STEP, M, hd, half);
-                for (int i = 0; i < M; i++) {
-                    double s = 0, mag = 0;
-                    for (int d = 0; d < hd; d++) {
-                        double kv = half ? f16_to_f32(kh[i * STEP + d]) : kf[i * STEP + d];
-                        s += q[d] * kv;
-                        mag += fabs(q[d] * kv);
+        for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++)
+            for (size_t qi = 0; qi < 3; qi++)
+                for (int half = 0; half < 2; half++) {
+                    int hd = hds[hi], nq = nqs[qi];
+                    if (hd * nq > NQ * 128) continue;
+                    const void *k = half ? (const void *)kh : (const void *)kf;
+                    float out[NQ * (M + 3)], acc[NQ * 128];
+                    const float scale = 0.125f;
+                    ops.kv_dots(q, nq, k, STEP, M, hd, half, scale, out, M + 3);
+                    for (int d = 0; d < nq * hd; d++) acc[d] = 0.5f;
+                    ops.kv_accum(acc, nq, p, M, k, STEP, M, hd, half);
+                    for (int j = 0; j < nq; j++) {
+                        for (int i = 0; i < M; i++) {
+                            double s = 0, mag = 0;
+                            for (int d = 0; d < hd; d++) {
+                                double kv = half ? f16_to_f32(kh[i * STEP + d]) : kf[i * STEP + d];
+                                s += q[j * hd + d] * kv;
+                                mag += fabs(q[j * hd + d] * kv);
+                            }
+                            ck_assert_msg(fabs(out[j * (M + 3) + i] - s * scale) <= 1e-5 * mag * scale + 1e-30,
+                                          "%s kv_dots hd=%d nq=%d f16=%d", fams[f], hd, nq, half);
+                        }
+                        for (int d = 0; d < hd; d++) {
+                            double s = 0.5, mag = 0.5;
+                            for (int i = 0; i < M; i++) {
+                                double kv = half ? f16_to_f32(kh[i * STEP + d]) : kf[i * STEP + d];
+                                s += p[j * M + i] * kv;
+                                mag += fabs(p[j * M + i] * kv);
+                            }
+                            ck_assert_msg(fabs(acc[j * hd + d] - s) <= 1e-5 * mag, "%s kv_accum hd=%d nq=%d f16=%d",
+                                          fams[f], hd, nq, half);
+                        }
                     }
-                    ck_assert_msg(fabs(out[i] - s * scale) <= 1e-5 * mag * scale + 1e-30, "%s kv_dots hd=%d f16=%d",
-                                  fams[f], hd, half);
                 }
-                for (int d = 0; d < hd; d++) {
-                    double s = 0.5, mag = 0.5;
-                    for (int i = 0; i < M; i++) {
-                        double kv = half ? f16_to_f32(kh[i * STEP + d]) : kf[i * STEP + d];
-                        s += p[i] * kv;
-                        mag += fabs(p[i] * kv);
-                    }
-                    ck_assert_msg(fabs(acc[d] - s) <= 1e-5 * mag, "%s kv_accum hd=%d f16=%d", fams[f], hd, half);
-                }
-            }
-        }
     }
 }
 END_TEST
