@@ -5,6 +5,7 @@
 #   make test       unit + integration tests (Check); ends with Check's summary line
 #   make bench      benchmarks, printed as figures and ratios
 #   make SANITIZE=address,undefined test   the same under sanitizers (own build dir)
+#   make docker-check   docker/Dockerfile's steps in a debootstrapped Debian 12 chroot (root; minutes)
 #
 # Missing Debian packages are installed with apt-get when run as root;
 # otherwise the exact command is printed.
@@ -57,7 +58,7 @@ MODEL      ?= models/sa-tiny-sa-q8_0.gguf
 HOST       ?= 127.0.0.1
 PORT       ?= 8080
 
-.PHONY: all run test unit bench clean deps test-deps node-deps config-docs
+.PHONY: all run test unit bench clean deps test-deps node-deps config-docs docker-check
 .DEFAULT_GOAL := all
 
 all: deps $(BIN)
@@ -154,6 +155,11 @@ test: deps test-deps node-deps $(BIN) $(TEST_BIN)
 
 bench: all
 	@tests/bench/run.sh $(BIN)
+
+# The Dockerfile's build, test, runtime and serve steps without a Docker
+# engine: docker/build.sh in clean debootstrapped roots (see docker/check.sh).
+docker-check:
+	@docker/check.sh
 
 clean:
 	rm -rf build
