@@ -418,10 +418,12 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
         if (ok && lp) r->logprobs = (int)top;
         ok = ok && parse_messages(s, r, root, &e);
     }
-    if (ok && max_tokens == 0 && !r->echo) {
-        /* Nothing to generate: still a valid request (prompt accounting). */
-    }
     ok = ok && check_lengths(s, r, max_tokens, explicit_max, &e);
+    /* Every choice is a running sequence: more than max_running could never
+     * be admitted, so refuse now instead of waiting forever. */
+    if (ok && r->n_prompts * r->n > s->cfg->max_running)
+        ok = bad(&e, "n", "%d prompt(s) x n=%d choices exceed the %d sequences this server runs at once",
+                 r->n_prompts, r->n, s->cfg->max_running);
     json_decref(root);
     if (!ok) {
         request_unref(r);

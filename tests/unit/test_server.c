@@ -111,6 +111,7 @@ START_TEST(test_bad_requests) {
     expect_400("{\"prompt\": \"x\", \"max_tokens\": \"many\"}", "max_tokens", "integer");
     expect_400("{\"prompt\": \"x\", \"max_tokens\": -1}", "max_tokens", NULL);
     expect_400("{\"prompt\": \"x\", \"n\": 0}", "n", NULL);
+    expect_400("{\"prompt\": [\"a\", \"b\", \"c\"], \"n\": 2}", "n", "exceed"); /* 6 > --max-running 4 */
     expect_400("{\"prompt\": \"x\", \"top_p\": 1.5}", "top_p", NULL);
     expect_400("{\"prompt\": \"x\", \"stop\": [\"a\",\"b\",\"c\",\"d\",\"e\"]}", "stop", "4");
     expect_400("{\"prompt\": \"x\", \"stop\": 3}", "stop", NULL);
