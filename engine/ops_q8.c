@@ -32,7 +32,7 @@ typedef struct {
     float *d;       /* [n/32] */
 } qrow;
 
-static void quantize_row(const float *x, int n, qrow *out) {
+static void quantize_row_scalar(const float *x, int n, qrow *out) {
     for (int b = 0; b < n / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0;
@@ -48,6 +48,32 @@ static void quantize_row(const float *x, int n, qrow *out) {
         }
     }
 }
+
+/* The same numbers as the scalar version (max, one division, a product and
+ * round-to-nearest-even), 32 at a time; it was a tenth of decode time. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+static void quantize_row_avx512(const float *x, int n, qrow *out) {
+    const __m512 signbit = _mm512_set1_ps(-0.0f);
+    for (int b = 0; b < n / QK; b++) {
+        __m512 x0 = _mm512_loadu_ps(x + b * QK), x1 = _mm512_loadu_ps(x + b * QK + 16);
+        __m512 a = _mm512_max_ps(_mm512_andnot_ps(signbit, x0), _mm512_andnot_ps(signbit, x1));
+        float amax = _mm512_reduce_max_ps(a);
+        float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+        out->d[b] = d;
+        __m512 vid = _mm512_set1_ps(id);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vid)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vid));
+        const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+        q0 = _mm512_max_epi32(_mm512_min_epi32(q0, lim), nlim);
+        q1 = _mm512_max_epi32(_mm512_min_epi32(q1, lim), nlim);
+        __m128i p0 = _mm512_cvtepi32_epi8(q0), p1 = _mm512_cvtepi32_epi8(q1);
+        __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(p0), p1, 1);
+        _mm256_storeu_si256((__m256i *)(out->q + b * QK), q);
+        _mm256_storeu_si256((__m256i *)(out->absq + b * QK), _mm256_abs_epi8(q));
+        _mm256_storeu_si256((__m256i *)(out->neg + b * QK), _mm256_cmpgt_epi8(_mm256_setzero_si256(), q));
+    }
+}
+
+static void (*quantize_row)(const float *x, int n, qrow *out) = quantize_row_scalar;
 
 /* ==== Scalar =========================================================== */
 
@@ -221,6 +247,7 @@ static bool q8_pairs; /* the 512-bit kernels take blocks two at a time */
 
 void ops_q8_init(const char *family) {
     q8_fn = pick(family);
+    quantize_row = !strcmp(family, "avx512") ? quantize_row_avx512 : quantize_row_scalar;
     q8_pairs = !strcmp(family, "avx512");
 }
 
