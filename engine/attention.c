@@ -84,12 +84,11 @@ static void group_online(const attn_job *j, const kv_seq *s, int g, const float 
     }
 }
 
-void attention_rows(attn_job *j, int ith, int nth) {
+void attention_unit(attn_job *j, long u) {
     int H = j->n_head, G = j->n_head_kv, hd = j->head_dim, group = H / G;
     if (group > MAX_GROUP) group = MAX_GROUP; /* guarded at model load; keeps the stack bounded */
     float scale = 1.0f / sqrtf((float)hd);
-    long total = (long)j->n_rows * G;
-    for (long u = ith; u < total; u += nth) {
+    {
         int r = (int)(u / G), g = (int)(u % G), h0 = g * group;
         const kv_seq *s = &j->kv->seqs[j->row_seq[r]];
         int n = j->row_pos[r] + 1; /* causal: positions 0..pos */
@@ -98,12 +97,12 @@ void attention_rows(attn_job *j, int ith, int nth) {
         float *pr = j->probs ? j->probs + ((size_t)r * (size_t)H + (size_t)h0) * pstride : NULL;
         if (j->shared) {
             group_weighted_v(j, s, g, pr, pstride, group, out, n);
-            continue;
+            return;
         }
         const float *q = j->q + (size_t)r * (size_t)(H * hd) + (size_t)h0 * (size_t)hd;
         if (!j->store_probs) {
             group_online(j, s, g, q, group, out, n, scale);
-            continue;
+            return;
         }
         /* Probabilities that shared layers (or an observer) will read are
          * computed whole, exactly as the reference defines them. */
@@ -111,6 +110,13 @@ void attention_rows(attn_job *j, int ith, int nth) {
         for (int h = 0; h < group; h++) softmax(pr + (size_t)h * pstride, n);
         group_weighted_v(j, s, g, pr, pstride, group, out, n);
     }
+}
+
+long attention_units(const attn_job *j) { return (long)j->n_rows * j->n_head_kv; }
+
+void attention_rows(attn_job *j, int ith, int nth) {
+    long total = (long)j->n_rows * j->n_head_kv;
+    for (long u = ith; u < total; u += nth) attention_unit(j, u);
 }
 
 static void attention_worker(void *arg, int ith, int nth) { attention_rows(arg, ith, nth); }

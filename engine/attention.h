@@ -38,5 +38,9 @@ typedef struct {
 void attention_run(pool *p, attn_job *job);
 /* This thread's share of the rows (for callers already inside a pool job). */
 void attention_rows(attn_job *job, int ith, int nth);
+/* One unit of work: token u / n_head_kv with the query heads of KV head
+ * u % n_head_kv.  There are n_rows * n_head_kv units. */
+long attention_units(const attn_job *job);
+void attention_unit(attn_job *job, long u);
 
 #endif

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdatomic.h>
 #include <unistd.h>
 
 #include "attention.h"
@@ -30,6 +31,14 @@
 /* Rows per OpenBLAS call (see matmul_blas).  A multiple of OpenBLAS's
  * largest M unroll (16 on SkylakeX, 8 or less elsewhere). */
 #define BLAS_M 64
+/* Phases per layer in the fused path (see there). */
+enum { PH_QKV, PH_ATTN, PH_WO, PH_FFN, PH_DOWN, PH_PER_LAYER };
+
+typedef struct phase_ctl {
+    atomic_int next;  /* next chunk to hand out */
+    atomic_uint done; /* chunks finished */
+    int n;
+} phase_ctl;
 
 struct engine {
     engine_params params;
@@ -54,7 +63,8 @@ struct engine {
     float *logits; /* [max_T][n_vocab] */
     float *probs;  /* [max_T][n_head][n_ctx] when any layer keeps them */
     float *tile;   /* dequantised weight rows for sgemm */
-    float *xn_t;   /* [n_threads][max_T][n_embd]: per-thread normed rows (fused path) */
+    float *xn_t;   /* [n_threads][rows][n_embd]: per-thread normed rows (fused path) */
+    struct phase_ctl *phases; /* [n_layer * 5 + 2] fused-path phases */
     size_t tile_floats;
 
     /* Row bookkeeping for the current step. */
@@ -273,6 +283,7 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
     e->up = xcalloc(T * (size_t)m->n_ff, sizeof(float), &ok);
     e->logits = xcalloc(T * (size_t)m->n_vocab, sizeof(float), &ok);
     e->xn_t = xcalloc((size_t)p->n_threads * T * (size_t)m->n_embd, sizeof(float), &ok);
+    e->phases = xcalloc((size_t)L * PH_PER_LAYER + 2, sizeof *e->phases, &ok);
     e->row_seq = xcalloc(T, sizeof(int), &ok);
     e->row_pos = xcalloc(T, sizeof(int), &ok);
     e->row_item = xcalloc(T, sizeof(int), &ok);
@@ -357,7 +368,7 @@ void engine_close(engine *e) {
     free(e->shared); free(e->source); free(e->has_k); free(e->keep_probs);
     free(e->rope_cos); free(e->rope_sin);
     free(e->x); free(e->xn); free(e->tmp); free(e->hid); free(e->q); free(e->att); free(e->k); free(e->v);
-    free(e->gate); free(e->up); free(e->logits); free(e->probs); free(e->tile); free(e->xn_t);
+    free(e->gate); free(e->up); free(e->logits); free(e->probs); free(e->tile); free(e->xn_t); free(e->phases);
     free(e->row_seq); free(e->row_pos); free(e->row_item); free(e->row_tok); free(e->out_row); free(e->item_first);
     free(e);
 }
@@ -628,28 +639,27 @@ static void layer_forward(engine *e, int l, int T, int n_plain, engine_batch_ite
 /* ==== Fused path ======================================================= */
 /*
  * When no row of the step goes through OpenBLAS (decode steps, and prompts
- * with blas_prompt off), the whole forward pass runs as ONE pool job whose
- * phases are separated by in-job barriers: five per layer instead of a
- * dozen job hand-offs, which is what dominates decode of small models.
- * Each thread normalises all rows privately (cheap: T x n_embd) rather than
- * waiting for a shared copy.  The kernels and their per-element order are
- * the unfused path's, so results are bit-identical to it.
+ * with blas_prompt off), the whole forward pass runs as ONE pool job: a
+ * sequence of phases (five per layer: Q/K/V, attention, output projection,
+ * gate/up, down; then the final norm and the logits).  Each phase is cut
+ * into small chunks that threads take from a shared counter, and a thread
+ * moves on once every chunk of the phase is done.  Unlike a barrier this
+ * does not wait for a thread that has not arrived: on a busy machine a
+ * descheduled worker simply gets fewer chunks, and only a chunk it holds is
+ * waited for.  Each thread normalises the rows it needs privately (cheap:
+ * T x n_embd) rather than waiting for a shared copy.  The kernels and their
+ * per-element order are the unfused path's, so results are bit-identical
+ * to it whatever the chunking.
  */
+
+#define WO_CHUNK 32   /* output rows per chunk */
+#define FFN_CHUNK 64
+#define VOCAB_CHUNK 256
 
 typedef struct {
     engine *e;
     int T, n_out;
 } fused_job;
-
-/* [r0, r1) of `rows` for thread ith, in multiples of `align`. */
-static void split_rows(int rows, int align, int ith, int nth, int *r0, int *r1) {
-    int units = (rows + align - 1) / align;
-    int per = (units + nth - 1) / nth;
-    *r0 = ith * per * align;
-    *r1 = (ith + 1) * per * align;
-    if (*r0 > rows) *r0 = rows;
-    if (*r1 > rows) *r1 = rows;
-}
 
 /* y[:, r0:r1] = x W[r0:r1]^T, optionally added into y (residual). */
 static void gemm_part(const wmat *w, const float *x, int T, float *y, int r0, int r1, float *tmp, bool add) {
@@ -700,73 +710,119 @@ static void store_head(engine *e, int l, int r, int g, bool k_too) {
     }
 }
 
+/* Runs this thread's share of a phase: chunks until none is left, then
+ * waits for the chunks other threads hold. */
+#define PHASE(e, ph, c, ...)                                                                 \
+    do {                                                                                      \
+        phase_ctl *ph_ = (ph);                                                                \
+        for (int c; (c = atomic_fetch_add(&ph_->next, 1)) < ph_->n;) {                        \
+            __VA_ARGS__;                                                                      \
+            if ((int)atomic_fetch_add(&ph_->done, 1) + 1 == ph_->n) pool_notify((e)->pool, &ph_->done); \
+        }                                                                                     \
+        pool_wait_equal((e)->pool, &ph_->done, (unsigned)ph_->n);                             \
+    } while (0)
+
+static int div_up(int a, int b) { return (a + b - 1) / b; }
+
+/* Chunks per phase for a step of T rows and n_out output rows. */
+static void plan_phases(engine *e, int T, int n_out) {
+    const model *m = &e->m;
+    for (int l = 0; l < m->n_layer; l++) {
+        phase_ctl *p = e->phases + (size_t)l * PH_PER_LAYER;
+        p[PH_QKV].n = (e->shared[l] ? 0 : m->n_head) + m->n_head_kv;
+        p[PH_ATTN].n = T * m->n_head_kv;
+        p[PH_WO].n = div_up(m->n_embd, WO_CHUNK);
+        p[PH_FFN].n = div_up(m->n_ff, FFN_CHUNK);
+        p[PH_DOWN].n = div_up(m->n_embd, WO_CHUNK);
+    }
+    phase_ctl *f = e->phases + (size_t)m->n_layer * PH_PER_LAYER;
+    f[0].n = n_out;
+    f[1].n = div_up(m->n_vocab, VOCAB_CHUNK);
+    for (int i = 0; i < m->n_layer * PH_PER_LAYER + 2; i++) {
+        atomic_store(&e->phases[i].next, 0);
+        atomic_store(&e->phases[i].done, 0);
+    }
+}
+
 static void fused_worker(void *arg, int ith, int nth) {
+    (void)nth;
     fused_job *j = arg;
     engine *e = j->e;
     const model *m = &e->m;
     int T = j->T, D = m->n_embd, hd = m->head_dim, H = m->n_head, G = m->n_head_kv;
-    float *xn = e->xn_t + (size_t)ith * (size_t)e->max_T * (size_t)D;
-    int r0, r1;
+    float *xn = e->xn_t + (size_t)ith * (size_t)(e->max_T + BLAS_M - 1) * (size_t)D;
     for (int l = 0; l < m->n_layer; l++) {
         const layer_weights *L = &m->layers[l];
-        for (int r = 0; r < T; r++)
-            rmsnorm(xn + (size_t)r * (size_t)D, e->x + (size_t)r * (size_t)D, L->attn_norm, D, m->norm_eps);
-        /* Q, K, V split by heads so each thread ropes and stores its own. */
-        if (!e->shared[l]) {
-            int h0, h1;
-            split_rows(H, 1, ith, nth, &h0, &h1);
-            gemm_part(&L->wq, xn, T, e->q, h0 * hd, h1 * hd, NULL, false);
-            for (int r = 0; r < T; r++)
-                for (int h = h0; h < h1; h++) {
-                    qk_prep(e, L->bq, L->q_norm, e->q, r, h, H);
-                    rope_one(e, e->q + ((size_t)r * (size_t)H + (size_t)h) * (size_t)hd, e->row_pos[r]);
-                }
-        }
-        int g0, g1;
-        split_rows(G, 1, ith, nth, &g0, &g1);
-        if (!e->shared[l]) gemm_part(&L->wk, xn, T, e->k, g0 * hd, g1 * hd, NULL, false);
-        gemm_part(&L->wv, xn, T, e->v, g0 * hd, g1 * hd, NULL, false);
-        for (int r = 0; r < T; r++)
-            for (int g = g0; g < g1; g++) {
-                if (!e->shared[l]) {
-                    qk_prep(e, L->bk, L->k_norm, e->k, r, g, G);
-                    rope_one(e, e->k + ((size_t)r * (size_t)G + (size_t)g) * (size_t)hd, e->row_pos[r]);
-                }
-                if (L->bv) add_bias(e, L->bv, e->v, r, g, G);
-                store_head(e, l, r, g, !e->shared[l]);
+        phase_ctl *p = e->phases + (size_t)l * PH_PER_LAYER;
+        bool normed = false;
+        /* Q heads, then KV heads: each chunk projects, ropes and stores its own. */
+        int nq = e->shared[l] ? 0 : H;
+        PHASE(e, &p[PH_QKV], c, {
+            if (!normed) {
+                for (int r = 0; r < T; r++)
+                    rmsnorm(xn + (size_t)r * (size_t)D, e->x + (size_t)r * (size_t)D, L->attn_norm, D, m->norm_eps);
+                normed = true;
             }
-        pool_barrier(e->pool);
+            if (c < nq) {
+                gemm_part(&L->wq, xn, T, e->q, c * hd, (c + 1) * hd, NULL, false);
+                for (int r = 0; r < T; r++) {
+                    qk_prep(e, L->bq, L->q_norm, e->q, r, c, H);
+                    rope_one(e, e->q + ((size_t)r * (size_t)H + (size_t)c) * (size_t)hd, e->row_pos[r]);
+                }
+            } else {
+                int g = c - nq;
+                if (!e->shared[l]) gemm_part(&L->wk, xn, T, e->k, g * hd, (g + 1) * hd, NULL, false);
+                gemm_part(&L->wv, xn, T, e->v, g * hd, (g + 1) * hd, NULL, false);
+                for (int r = 0; r < T; r++) {
+                    if (!e->shared[l]) {
+                        qk_prep(e, L->bk, L->k_norm, e->k, r, g, G);
+                        rope_one(e, e->k + ((size_t)r * (size_t)G + (size_t)g) * (size_t)hd, e->row_pos[r]);
+                    }
+                    if (L->bv) add_bias(e, L->bv, e->v, r, g, G);
+                    store_head(e, l, r, g, !e->shared[l]);
+                }
+            }
+        });
         attn_job aj = {
             .kv = &e->kv, .layer = l, .shared = e->shared[l], .store_probs = e->keep_probs[l], .n_rows = T,
             .row_seq = e->row_seq, .row_pos = e->row_pos, .n_head = H, .n_head_kv = G, .head_dim = hd, .q = e->q,
             .out = e->att, .probs = e->probs, .probs_stride = e->n_ctx
         };
-        attention_rows(&aj, ith, nth);
-        pool_barrier(e->pool);
-        split_rows(D, 16, ith, nth, &r0, &r1);
-        gemm_part(&L->wo, e->att, T, e->x, r0, r1, e->tmp, true);
-        pool_barrier(e->pool);
-        for (int r = 0; r < T; r++)
-            rmsnorm(xn + (size_t)r * (size_t)D, e->x + (size_t)r * (size_t)D, L->ffn_norm, D, m->norm_eps);
-        split_rows(m->n_ff, 16, ith, nth, &r0, &r1);
-        gemm_part(&L->w_gate, xn, T, e->gate, r0, r1, NULL, false);
-        gemm_part(&L->w_up, xn, T, e->up, r0, r1, NULL, false);
-        for (int t = 0; t < T; t++)
-            for (int r = r0; r < r1; r++) {
-                size_t i = (size_t)t * (size_t)m->n_ff + (size_t)r;
-                e->gate[i] = silu(e->gate[i]) * e->up[i];
+        PHASE(e, &p[PH_ATTN], c, attention_unit(&aj, c));
+        PHASE(e, &p[PH_WO], c, {
+            int r0 = c * WO_CHUNK, r1 = r0 + WO_CHUNK < D ? r0 + WO_CHUNK : D;
+            gemm_part(&L->wo, e->att, T, e->x, r0, r1, e->tmp, true);
+        });
+        normed = false;
+        PHASE(e, &p[PH_FFN], c, {
+            if (!normed) {
+                for (int r = 0; r < T; r++)
+                    rmsnorm(xn + (size_t)r * (size_t)D, e->x + (size_t)r * (size_t)D, L->ffn_norm, D, m->norm_eps);
+                normed = true;
             }
-        pool_barrier(e->pool);
-        split_rows(D, 16, ith, nth, &r0, &r1);
-        gemm_part(&L->w_down, e->gate, T, e->x, r0, r1, e->tmp, true);
-        pool_barrier(e->pool);
+            int r0 = c * FFN_CHUNK, r1 = r0 + FFN_CHUNK < m->n_ff ? r0 + FFN_CHUNK : m->n_ff;
+            gemm_part(&L->w_gate, xn, T, e->gate, r0, r1, NULL, false);
+            gemm_part(&L->w_up, xn, T, e->up, r0, r1, NULL, false);
+            for (int t = 0; t < T; t++)
+                for (int r = r0; r < r1; r++) {
+                    size_t i = (size_t)t * (size_t)m->n_ff + (size_t)r;
+                    e->gate[i] = silu(e->gate[i]) * e->up[i];
+                }
+        });
+        PHASE(e, &p[PH_DOWN], c, {
+            int r0 = c * WO_CHUNK, r1 = r0 + WO_CHUNK < D ? r0 + WO_CHUNK : D;
+            gemm_part(&L->w_down, e->gate, T, e->x, r0, r1, e->tmp, true);
+        });
     }
     /* Output rows (e->out_row) through the final norm, then the logits. */
-    for (int o = ith; o < j->n_out; o += nth)
-        rmsnorm(e->hid + (size_t)o * (size_t)D, e->x + (size_t)e->out_row[o] * (size_t)D, m->output_norm, D, m->norm_eps);
-    pool_barrier(e->pool);
-    split_rows(m->n_vocab, 16, ith, nth, &r0, &r1);
-    gemm_part(&m->output, e->hid, j->n_out, e->logits, r0, r1, NULL, false);
+    phase_ctl *f = e->phases + (size_t)m->n_layer * PH_PER_LAYER;
+    PHASE(e, &f[0], o,
+          rmsnorm(e->hid + (size_t)o * (size_t)D, e->x + (size_t)e->out_row[o] * (size_t)D, m->output_norm, D,
+                  m->norm_eps));
+    PHASE(e, &f[1], c, {
+        int r0 = c * VOCAB_CHUNK, r1 = r0 + VOCAB_CHUNK < m->n_vocab ? r0 + VOCAB_CHUNK : m->n_vocab;
+        gemm_part(&m->output, e->hid, j->n_out, e->logits, r0, r1, NULL, false);
+    });
 }
 
 /* Work a shared layer skips for one token at context length ctx: the Q and K
@@ -842,6 +898,7 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
 
     if (n_plain == T && !e->observer) {
         fused_job fj = {e, T, n_out};
+        plan_phases(e, T, n_out);
         pool_run(e->pool, fused_worker, &fj);
     } else {
         for (int l = 0; l < m->n_layer; l++) layer_forward(e, l, T, n_plain, items, n_items);

@@ -132,6 +132,12 @@ void pool_run(pool *p, pool_fn fn, void *arg) {
     for (unsigned d; (d = atomic_load(&p->done)) != (unsigned)(p->n - 1);) wait_change(p, &p->done, d);
 }
 
+void pool_wait_equal(pool *p, atomic_uint *word, unsigned target) {
+    for (unsigned v; (v = atomic_load(word)) != target;) wait_change(p, word, v);
+}
+
+void pool_notify(pool *p, atomic_uint *word) { wake(p, word); }
+
 void pool_barrier(pool *p) {
     if (p->n == 1) return;
     unsigned gen = atomic_load(&p->bar_gen);

@@ -10,6 +10,8 @@
 #ifndef SASERVE_POOL_H
 #define SASERVE_POOL_H
 
+#include <stdatomic.h>
+
 typedef struct pool pool;
 typedef void (*pool_fn)(void *arg, int ith, int nth);
 
@@ -21,5 +23,9 @@ void pool_run(pool *p, pool_fn fn, void *arg);
  * thread must call it the same number of times.  It spins: meant for the
  * short phases of one forward step. */
 void pool_barrier(pool *p);
+/* Waits (spinning briefly, then on a futex) until *word == target; a thread
+ * that changes a word others may wait on calls pool_notify afterwards. */
+void pool_wait_equal(pool *p, atomic_uint *word, unsigned target);
+void pool_notify(pool *p, atomic_uint *word);
 
 #endif
