@@ -155,7 +155,46 @@ test: deps test-deps node-deps $(BIN) $(TEST_BIN)
 bench: all
 	@tests/bench/run.sh $(BIN)
 
+# ---- fuzzing --------------------------------------------------------------
+# libFuzzer targets (tests/fuzz/fuzz_*.c), built with clang into build/fuzz/
+# from their own objects of the library sources: ASan + UBSan (every UB is
+# fatal) + coverage instrumentation.  The main build stays with $(CC).
+# Debian: apt-get install clang libclang-rt-14-dev (libFuzzer comes with the
+# latter).  `make fuzz FUZZ_SECONDS=N` runs each target for N seconds on a
+# working corpus under build/fuzz/corpus/<target>/, seeded from the committed
+# tests/fuzz/<target>/; crashes land in build/fuzz/artifacts/<target>/.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_BUILD   := build/fuzz
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -O1 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
+                -fno-strict-aliasing -pthread -MMD -MP $(FUZZ_SAN) -fsanitize=fuzzer-no-link
+FUZZ_TARGETS := gguf request_completions request_chat tokenizer chat_template stream
+FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
+
+.PHONY: fuzz fuzz-build
+fuzz-build: $(FUZZ_BINS)
+
+fuzz: fuzz-build
+	@tests/fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+$(FUZZ_BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(CPPFLAGS) -Itests/fuzz $(PKG_CFLAGS) $(FUZZ_CFLAGS) -c $< -o $@
+
+# One source, two targets: the completions and the chat request parser.
+$(FUZZ_BUILD)/obj/tests/fuzz/fuzz_request_completions.o: tests/fuzz/fuzz_request.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(CPPFLAGS) -Itests/fuzz $(PKG_CFLAGS) $(FUZZ_CFLAGS) -c $< -o $@
+$(FUZZ_BUILD)/obj/tests/fuzz/fuzz_request_chat.o: tests/fuzz/fuzz_request.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(CPPFLAGS) -Itests/fuzz $(PKG_CFLAGS) $(FUZZ_CFLAGS) -DFUZZ_CHAT -c $< -o $@
+
+$(FUZZ_BUILD)/%: $(FUZZ_BUILD)/obj/tests/fuzz/fuzz_%.o $(FUZZ_LIB_OBJ)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(PKG_LIBS) -lm -pthread
+
 clean:
 	rm -rf build
 
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD) $(FUZZ_BUILD) -name '*.d' 2>/dev/null | sort -u)
