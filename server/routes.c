@@ -336,6 +336,11 @@ static bool parse_messages(server *s, request *r, json_t *body, verr *e) {
     free(frags);
     buf_free(&text);
     if (!ok) return false;
+    /* Llama 2's template drops a system message that no turn follows, as
+     * its reference Jinja does: nothing would be left to prefill. */
+    if (r->prompt_len[0] == 0)
+        return bad(e, "messages", "the messages render to an empty prompt with the %s template (add a user turn)",
+                   s->chat_family);
     /* The turn ends at the template's end marker; when the model has no
      * such control token (e.g. ChatML on a base model) it is a stop string. */
     const char *end = chat_end_marker(s->chat_family);
