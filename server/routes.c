@@ -445,8 +445,14 @@ static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, c
     request *r;
     if (routes_parse_request(s, kind, body, len, &r, &e) != 0) return respond_verr(s, conn, &e);
     if (r->max_tokens == 0) {
-        /* Echo-only (or empty) completions never reach the scheduler. */
-        for (int i = 0; i < r->n_choices; i++) r->finish[i] = "length";
+        /* Echo-only (or empty) completions never reach the scheduler; they
+         * are counted here as the scheduler counts the others: per choice,
+         * with their prompt tokens. */
+        metrics_add_prompt_tokens(s->m, (uint64_t)r->total_prompt_tokens);
+        for (int i = 0; i < r->n_choices; i++) {
+            r->finish[i] = "length";
+            metrics_request_success(s->m, FIN_LENGTH);
+        }
         r->n_finished_loop = r->n_choices;
         r->loop_done = true;
         enum MHD_Result rc = routes_respond_final(s, conn, r);
