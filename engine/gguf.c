@@ -434,8 +434,18 @@ int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i) {
     size_t es = scalar_size(kv->v.arr.type);
     decode_scalar(kv->v.arr.type, (const uint8_t *)kv->v.arr.data + i * es, &tmp);
     switch (kv->v.arr.type) {
-    case GGUF_T_FLOAT32: case GGUF_T_FLOAT64: return (int64_t)tmp.v.f;
+    case GGUF_T_FLOAT32: case GGUF_T_FLOAT64: {
+        /* Converting a NaN or an out-of-range float to an integer is
+         * undefined: saturate instead (NaN gives 0). */
+        double f = tmp.v.f;
+        if (!(f == f)) return 0;
+        if (f >= 9223372036854775807.0) return INT64_MAX;
+        if (f <= -9223372036854775808.0) return INT64_MIN;
+        return (int64_t)f;
+    }
     case GGUF_T_BOOL: return tmp.v.b;
-    default: return is_unsigned(kv->v.arr.type) ? (int64_t)tmp.v.u : tmp.v.i;
+    default:
+        if (is_unsigned(kv->v.arr.type)) return tmp.v.u > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)tmp.v.u;
+        return tmp.v.i;
     }
 }

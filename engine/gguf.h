@@ -94,7 +94,9 @@ bool gguf_get_f64(const gguf *g, const char *key, double *out, bool *bad);
 bool gguf_get_bool(const gguf *g, const char *key, bool *out, bool *bad);
 bool gguf_get_str(const gguf *g, const char *key, gguf_str *out, bool *bad);
 
-/* Element i of a numeric array as double / int64 (checked by caller: i < n). */
+/* Element i of a numeric array as double / int64 (checked by caller: i < n).
+ * gguf_arr_i64 truncates floats toward zero and saturates what int64 cannot
+ * hold (NaN gives 0). */
 double gguf_arr_f64(const gguf_kv *kv, uint64_t i);
 int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i);
 
