@@ -11,6 +11,8 @@ build=$1 seconds=$2
 shift 2
 cd "$(dirname "$0")/../.."
 failed=0
+# Stack traces for UBSan reports too (ASan prints them anyway).
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
 summary=""
 for t in "$@"; do
   corpus=$build/corpus/$t artifacts=$build/artifacts/$t log=$build/$t.log
