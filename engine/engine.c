@@ -11,6 +11,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,7 +62,9 @@ struct engine {
     int *out_row;       /* [max_T] rows whose logits are computed */
     int *item_first;    /* [max_seqs * 2] first row of each item */
 
-    engine_counters counters;
+    /* Counters: written by the engine thread, read from any thread. */
+    _Atomic uint64_t tokens_processed;
+    _Atomic double flops_saved;
     engine_attn_observer observer;
     void *observer_ud;
 };
@@ -424,8 +427,8 @@ int engine_kv_free_blocks(const engine *e) { return kv_available(&e->kv); }
 int engine_kv_used_blocks(const engine *e) { return kv_used(&e->kv); }
 
 void engine_get_prefix_stats(const engine *e, engine_prefix_stats *out) {
-    out->queries = e->kv.prefix_queries;
-    out->hits = e->kv.prefix_hits;
+    out->queries = atomic_load_explicit(&e->kv.prefix_queries, memory_order_relaxed);
+    out->hits = atomic_load_explicit(&e->kv.prefix_hits, memory_order_relaxed);
 }
 
 void engine_set_attn_observer(engine *e, engine_attn_observer fn, void *ud) {
@@ -433,7 +436,10 @@ void engine_set_attn_observer(engine *e, engine_attn_observer fn, void *ud) {
     e->observer_ud = ud;
 }
 
-void engine_get_counters(const engine *e, engine_counters *out) { *out = e->counters; }
+void engine_get_counters(const engine *e, engine_counters *out) {
+    out->tokens_processed = atomic_load_explicit(&e->tokens_processed, memory_order_relaxed);
+    out->attention_flops_saved = atomic_load_explicit(&e->flops_saved, memory_order_relaxed);
+}
 
 /* ==== Forward pass ===================================================== */
 
@@ -842,14 +848,18 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
         matmul(e, &m->output, e->hid, n_out, o_plain, e->logits);
     }
 
+    double saved = 0;
     for (int i = 0; i < n_items; i++) {
         kv_seq *s = &e->kv.seqs[items[i].seq];
         int p0 = s->n_tokens;
         kv_commit(&e->kv, items[i].seq, items[i].tokens, items[i].n_tokens);
         if (e->info.n_shared)
-            for (int t = 0; t < items[i].n_tokens; t++)
-                e->counters.attention_flops_saved += e->info.n_shared * flops_saved(m, p0 + t + 1);
+            for (int t = 0; t < items[i].n_tokens; t++) saved += e->info.n_shared * flops_saved(m, p0 + t + 1);
     }
-    e->counters.tokens_processed += (uint64_t)T;
+    /* One writer (this thread): a relaxed load + store is enough. */
+    if (saved > 0)
+        atomic_store_explicit(&e->flops_saved, atomic_load_explicit(&e->flops_saved, memory_order_relaxed) + saved,
+                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->tokens_processed, (uint64_t)T, memory_order_relaxed);
     return 0;
 }

@@ -216,7 +216,7 @@ typedef void (*engine_attn_observer)(int layer, int item, int n_head, int n_toke
                                      const float *probs, void *ud);
 void engine_set_attn_observer(engine *e, engine_attn_observer fn, void *ud);
 
-/* Counters since open. */
+/* Counters since open.  Any thread (engine_get_prefix_stats too). */
 typedef struct {
     uint64_t tokens_processed;
     double attention_flops_saved; /* QK^T + softmax + Q/K projection work skipped */

@@ -261,7 +261,7 @@ int kv_prefix_attach(kv_cache *c, int seq, const int32_t *tokens, int n) {
     int bt = c->block_tokens;
     int n_full = (n - 1) / bt; /* keep at least the last token to compute */
     if (n_full > c->max_blocks_per_seq) n_full = c->max_blocks_per_seq;
-    c->prefix_queries += (uint64_t)n_full * (uint64_t)bt;
+    atomic_fetch_add_explicit(&c->prefix_queries, (uint64_t)n_full * (uint64_t)bt, memory_order_relaxed);
     uint64_t h = HASH_ROOT;
     for (int i = 0; i < n_full; i++) {
         const int32_t *bt_tokens = tokens + (size_t)i * (size_t)bt;
@@ -275,7 +275,7 @@ int kv_prefix_attach(kv_cache *c, int seq, const int32_t *tokens, int n) {
         s->n_hashed++;
         s->last_hash = hi;
         h = hi;
-        c->prefix_hits += (uint64_t)bt;
+        atomic_fetch_add_explicit(&c->prefix_hits, (uint64_t)bt, memory_order_relaxed);
     }
     return s->n_tokens;
 }

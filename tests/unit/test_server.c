@@ -363,6 +363,50 @@ START_TEST(test_openai_sdk) {
 }
 END_TEST
 
+typedef struct {
+    int port;
+    int status;
+} bg_stream;
+
+static void *long_stream(void *v) {
+    bg_stream *b = v;
+    http_resp r;
+    if (http_do(b->port, "POST", "/v1/completions", NULL,
+                "{\"prompt\": \"You will be\", \"max_tokens\": 300, \"ignore_eos\": true, \"stream\": true}",
+                &r) == 0)
+        b->status = r.status;
+    http_resp_free(&r);
+    return NULL;
+}
+
+/* /metrics scraped while the scheduler steps: the engine's counters
+ * (tokens, attention work saved, prefix-cache stats) are read by the loop
+ * thread as the engine thread updates them.  They were plain fields, a data
+ * race ThreadSanitizer reported in the server; they are atomics now (this
+ * test makes the overlap certain under make tsan). */
+START_TEST(test_scrape_during_generation) {
+    ck_assert(srv_ok);
+    bg_stream b = {srv.port, 0};
+    pthread_t th;
+    pthread_create(&th, NULL, long_stream, &b);
+    double last = -1;
+    for (int i = 0; i < 30; i++) {
+        http_resp r;
+        ck_assert_int_eq(http_do(srv.port, "GET", "/metrics", NULL, NULL, &r), 0);
+        ck_assert_int_eq(r.status, 200);
+        const char *p = strstr(r.body, "\nsaserve_attention_flops_saved_total ");
+        ck_assert_ptr_nonnull(p);
+        double v = strtod(p + strlen("\nsaserve_attention_flops_saved_total "), NULL);
+        ck_assert(v >= last); /* a counter never goes back */
+        last = v;
+        http_resp_free(&r);
+        usleep(20 * 1000);
+    }
+    pthread_join(th, NULL);
+    ck_assert_int_eq(b.status, 200);
+}
+END_TEST
+
 /* API keys (constant-time compare; /health exempt), CORS, body limit. */
 START_TEST(test_access) {
     srv_proc p;
@@ -649,6 +693,7 @@ Suite *server_suite(void) {
     tcase_add_test(tc, test_api_equals_run);
     tcase_add_test(tc, test_tokenize_detokenize);
     tcase_add_test(tc, test_invalid_utf8);
+    tcase_add_test(tc, test_scrape_during_generation);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("access");
