@@ -5,6 +5,9 @@
 #   make test       unit + integration tests (Check); ends with Check's summary line
 #   make bench      benchmarks, printed as figures and ratios
 #   make SANITIZE=address,undefined test   the same under sanitizers (own build dir)
+#   make tsan       ThreadSanitizer run of the scheduler and server suites
+#   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
+#   make soak       SOAK_REQUESTS mixed requests against a live server, then checks
 #
 # Missing Debian packages are installed with apt-get when run as root;
 # otherwise the exact command is printed.
@@ -149,8 +152,37 @@ run: all
 
 # Tests find the saserve binary through SASERVE_BIN and the reference models
 # through SASERVE_SHARED (default ../shared; cases skip when it is absent).
+#
+# Under SANITIZE=..., every process the run starts (the runner's forked tests
+# and the saserve servers they start) writes its sanitizer reports to files
+# under $(BUILD)/sanitizer-reports/ instead of stderr: a race or leak in a
+# server process would otherwise only reach that server's log.  Any report
+# fails the run and is printed.  TSan suppressions: tests/tsan.supp.
+SAN_REPORTS  = $(abspath $(BUILD))/sanitizer-reports
+SAN_ENV      = TSAN_OPTIONS="log_path=$(SAN_REPORTS)/tsan suppressions=$(abspath tests/tsan.supp) $(TSAN_OPTIONS)" \
+               ASAN_OPTIONS="log_path=$(SAN_REPORTS)/asan $(ASAN_OPTIONS)" \
+               UBSAN_OPTIONS="log_path=$(SAN_REPORTS)/ubsan print_stacktrace=1 $(UBSAN_OPTIONS)"
 test: deps test-deps node-deps $(BIN) $(TEST_BIN)
+ifeq ($(SANITIZE),)
 	@SASERVE_BIN=$(BIN) $(TEST_BIN)
+else
+	@rm -rf $(SAN_REPORTS) && mkdir -p $(SAN_REPORTS)
+	@SASERVE_BIN=$(BIN) $(SAN_ENV) $(TEST_BIN); rc=$$?; \
+	if [ -n "$$(ls -A $(SAN_REPORTS))" ]; then \
+	  echo "sanitizer reports ($(SANITIZE)):"; cat $(SAN_REPORTS)/*; exit 1; \
+	fi; exit $$rc
+endif
+
+# ThreadSanitizer over the threaded code: the scheduler suite (its thread
+# against submitters, cancellations and snapshots) and the server suite
+# (real saserve processes: loop thread, scheduler thread, engine pool).
+TSAN_SUITES ?= scheduler server
+.PHONY: tsan
+tsan:
+	@for s in $(TSAN_SUITES); do \
+	  echo "== SANITIZE=thread CK_RUN_SUITE=$$s"; \
+	  CK_RUN_SUITE=$$s $(MAKE) --no-print-directory SANITIZE=thread test || exit 1; \
+	done
 
 bench: all
 	@tests/bench/run.sh $(BIN)
