@@ -115,6 +115,40 @@ static size_t mem_available(void) {
     return kb * 1024;
 }
 
+/* Memory this process may use at most: MemTotal, or less under a cgroup
+ * memory limit (v2 memory.max, v1 memory.limit_in_bytes).  0 if unknown. */
+static size_t mem_limit(void) {
+    size_t limit = 0, kb = 0;
+    char line[256];
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "MemTotal: %zu kB", &kb) == 1) break;
+        fclose(f);
+        limit = kb * 1024;
+    }
+    static const char *const cg[] = {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"};
+    for (size_t i = 0; i < sizeof cg / sizeof cg[0]; i++) {
+        unsigned long long v;
+        f = fopen(cg[i], "r");
+        if (!f) continue;
+        if (fgets(line, sizeof line, f) && sscanf(line, "%llu", &v) == 1 && v > 0 && (!limit || v < limit))
+            limit = (size_t)v;
+        fclose(f);
+    }
+    return limit;
+}
+
+static const char *human_bytes(size_t n, char *buf, size_t cap) {
+    static const char *const units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    double v = (double)n;
+    int u = 0;
+    while (v >= 1024 && u < 5) v /= 1024, u++;
+    if (u == 0) snprintf(buf, cap, "%zu bytes", n);
+    else snprintf(buf, cap, "%.1f %s", v, units[u]);
+    return buf;
+}
+
 static void *xcalloc(size_t n, size_t size, bool *ok) {
     void *p = calloc(n ? n : 1, size);
     if (!p) *ok = false;
@@ -227,8 +261,22 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
         goto fail;
     }
     kp.n_blocks = (int)n_blocks;
+    /* The pool is mapped lazily, so a size beyond the machine's memory would
+     * "succeed" here and get the process killed under load instead: refuse
+     * it now, with the numbers. */
+    size_t limit = mem_limit(), pool_bytes = n_blocks * block_bytes;
+    char hb[32], hl[32];
+    if (limit && pool_bytes > limit) {
+        snprintf(err, errlen,
+                 "KV cache of %s does not fit in memory (%s for this process, model not counted); lower "
+                 "--kv-cache-bytes (0 sizes it automatically)",
+                 human_bytes(pool_bytes, hb, sizeof hb), human_bytes(limit, hl, sizeof hl));
+        rc = ENGINE_ENOMEM;
+        goto fail;
+    }
     if (kv_init(&e->kv, &kp) != 0) {
-        snprintf(err, errlen, "cannot allocate a KV cache of %zu bytes", n_blocks * block_bytes);
+        snprintf(err, errlen, "cannot allocate a KV cache of %s: out of memory; lower --kv-cache-bytes",
+                 human_bytes(pool_bytes, hb, sizeof hb));
         rc = ENGINE_ENOMEM;
         goto fail;
     }
@@ -334,7 +382,8 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
     *out = e;
     return 0;
 oom:
-    snprintf(err, errlen, "out of memory allocating engine buffers");
+    snprintf(err, errlen, "out of memory allocating engine buffers (activations for --max-batch-tokens %d, context "
+             "%d); lower them", p->max_batch_tokens, e->n_ctx);
     rc = ENGINE_ENOMEM;
 fail:
     engine_close(e);
