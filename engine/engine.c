@@ -139,6 +139,11 @@ static size_t mem_limit(void) {
     return limit;
 }
 
+void engine_guard_sigbus(void) {
+    _Static_assert(ENGINE_SIGBUS_EXIT == GGUF_SIGBUS_EXIT, "exit codes differ");
+    gguf_guard_sigbus();
+}
+
 static const char *human_bytes(size_t n, char *buf, size_t cap) {
     static const char *const units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB"};
     double v = (double)n;

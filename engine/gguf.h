@@ -76,6 +76,15 @@ gguf *gguf_open(const char *path, char *err, size_t errlen);
 gguf *gguf_parse(const void *data, size_t size, char *err, size_t errlen);
 void gguf_close(gguf *g);
 
+/* A model file truncated on disk while mapped makes the next read of a page
+ * past its new end raise SIGBUS.  gguf_guard_sigbus() installs a handler
+ * (process-wide; call once, before other threads start) that, for a fault
+ * inside a mapping gguf_open() made, writes a message naming the file to
+ * stderr and exits with GGUF_SIGBUS_EXIT (70, EX_SOFTWARE); any other SIGBUS
+ * keeps its default action. */
+#define GGUF_SIGBUS_EXIT 70
+void gguf_guard_sigbus(void);
+
 uint32_t gguf_version(const gguf *g);
 size_t gguf_file_size(const gguf *g);
 uint64_t gguf_n_kv(const gguf *g);

@@ -136,12 +136,50 @@ START_TEST(test_truncated_model_at_start) {
 }
 END_TEST
 
+/* ==== While running ==================================================== */
+
+/* The model file truncated on disk while the server has it mapped: the
+ * next forward pass reads a page past the new end and gets SIGBUS.  The
+ * server says which file and why, and exits with ENGINE_SIGBUS_EXIT (not
+ * a bare "Bus error"). */
+START_TEST(test_sigbus_truncated_while_mapped) {
+    char path[64];
+    copy_model(path, sizeof path, 0);
+    srv_proc p;
+    const char *args[] = {"--model", path, NULL};
+    ck_assert_int_eq(srv_start(&p, args), 0);
+    ck_assert_int_eq(truncate(path, 1 << 20), 0);
+    http_resp r;
+    if (http_do(p.port, "POST", "/v1/completions", NULL, "{\"prompt\": \"You will be\", \"max_tokens\": 4}", &r) == 0)
+        http_resp_free(&r); /* the connection normally just drops */
+    int status = 0;
+    bool exited = false;
+    for (int i = 0; i < 600 && !exited; i++) {
+        if (waitpid(p.pid, &status, WNOHANG) == p.pid) exited = true;
+        else usleep(50 * 1000);
+    }
+    if (!exited) srv_stop(&p);
+    char *log = srv_log(&p);
+    ck_assert_msg(exited, "the server survived a truncated model:\n%s", log ? log : "");
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == ENGINE_SIGBUS_EXIT, "status %#x:\n%s", status,
+                  log ? log : "");
+    ck_assert_msg(log && strstr(log, "SIGBUS reading the model file") && strstr(log, path), "log:\n%s",
+                  log ? log : "");
+    free(log);
+    unlink(path);
+}
+END_TEST
+
 Suite *faults_suite(void) {
     Suite *s = suite_create("faults");
     TCase *tc = tcase_create("startup");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_oom_at_start);
     tcase_add_test(tc, test_truncated_model_at_start);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("running");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_sigbus_truncated_while_mapped);
     suite_add_tcase(s, tc);
     return s;
 }
