@@ -266,8 +266,8 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
         goto fail;
     }
     kp.n_blocks = (int)n_blocks;
-    /* The pool is mapped lazily, so a size beyond the machine's memory would
-     * "succeed" here and get the process killed under load instead: refuse
+    /* A pool beyond the machine's memory would not fail cleanly when it is
+     * backed (the kernel's OOM killer would end the process instead): refuse
      * it now, with the numbers. */
     size_t limit = mem_limit(), pool_bytes = n_blocks * block_bytes;
     char hb[32], hl[32];

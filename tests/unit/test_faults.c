@@ -211,6 +211,32 @@ START_TEST(test_truncated_model_at_start) {
 }
 END_TEST
 
+/* The KV pool is backed with memory at start-up: the process's RSS holds
+ * it before any request (it used to be backed lazily, so RSS crept up under
+ * load as the prefix cache spread over the pool: +5 MB per 1000 requests in
+ * the soak test). */
+START_TEST(test_kv_pool_committed) {
+    srv_proc p;
+    const char *args[] = {"--model", BUNDLED, "--kv-cache-bytes", "256M", NULL};
+    ck_assert_int_eq(srv_start(&p, args), 0);
+    char *m = scrape(p.port);
+    ck_assert_ptr_nonnull(m);
+    double kv = sample(m, "saserve_kv_cache_bytes{tensor=\"k\"}") + sample(m, "saserve_kv_cache_bytes{tensor=\"v\"}");
+    free(m);
+    ck_assert(kv > 200e6);
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)p.pid);
+    FILE *f = fopen(path, "r"); /* /proc files have no size: read by line */
+    ck_assert_ptr_nonnull(f);
+    double rss = -1;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) rss = strtod(line + 6, NULL) * 1024;
+    fclose(f);
+    ck_assert_msg(rss >= kv, "RSS %.0f bytes with a KV pool of %.0f bytes", rss, kv);
+    ck_assert_int_eq(srv_stop(&p), 0);
+}
+END_TEST
+
 /* ==== While running ==================================================== */
 
 /* The model file truncated on disk while the server has it mapped: the
@@ -453,6 +479,7 @@ Suite *faults_suite(void) {
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_oom_at_start);
     tcase_add_test(tc, test_truncated_model_at_start);
+    tcase_add_test(tc, test_kv_pool_committed);
     suite_add_tcase(s, tc);
     tc = tcase_create("running");
     tcase_set_timeout(tc, 300);
