@@ -37,9 +37,8 @@ typedef struct server {
     struct MHD_Daemon *mhd;
     int port; /* actually bound */
 
-    /* Requests with events for the loop (scheduler -> loop), under pmu. */
-    pthread_mutex_t pmu;
-    request *pending;
+    /* Requests with events for the loop (scheduler -> loop). */
+    req_wakeq wakeq;
 
     /* Loop-owned: requests with an open response, for disconnect checks. */
     request **live;
