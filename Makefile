@@ -174,9 +174,10 @@ else
 endif
 
 # ThreadSanitizer over the threaded code: the scheduler suite (its thread
-# against submitters, cancellations and snapshots) and the server suite
-# (real saserve processes: loop thread, scheduler thread, engine pool).
-TSAN_SUITES ?= scheduler server
+# against submitters, cancellations and snapshots), the request suite (the
+# scheduler -> loop wake queue) and the server suite (real saserve
+# processes: loop thread, scheduler thread, engine pool).
+TSAN_SUITES ?= scheduler request server
 .PHONY: tsan
 tsan:
 	@for s in $(TSAN_SUITES); do \
@@ -186,6 +187,16 @@ tsan:
 
 bench: all
 	@tests/bench/run.sh $(BIN)
+
+# Soak: tests/tools/soak.c starts its own server on 127.0.0.1 and drives it
+# with SOAK_REQUESTS mixed requests from SOAK_CLIENTS threads (5% malformed,
+# 10% dropped mid-stream, some over the queue limit), then checks responses,
+# metrics accounting, KV blocks, RSS and file descriptors (see soak.c).
+SOAK_REQUESTS ?= 10000
+SOAK_CLIENTS  ?= 16
+.PHONY: soak
+soak: all $(BUILD)/tools/soak
+	$(BUILD)/tools/soak --bin $(BIN) --model $(MODEL) --requests $(SOAK_REQUESTS) --clients $(SOAK_CLIENTS)
 
 # ---- fuzzing --------------------------------------------------------------
 # libFuzzer targets (tests/fuzz/fuzz_*.c), built with clang into build/fuzz/
