@@ -216,8 +216,22 @@ FUZZ_TARGETS := gguf request_completions request_chat tokenizer chat_template st
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
 
-.PHONY: fuzz fuzz-build
-fuzz-build: $(FUZZ_BINS)
+.PHONY: fuzz fuzz-build fuzz-deps
+fuzz-build: fuzz-deps $(FUZZ_BINS)
+
+# libFuzzer ships with clang's runtime libraries (Debian: libclang-rt-14-dev).
+fuzz-deps: deps
+	@if ! command -v $(FUZZ_CC) >/dev/null || ! echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }' | \
+	     $(FUZZ_CC) -x c -fsanitize=fuzzer -o /dev/null - 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing clang and libFuzzer: clang libclang-rt-14-dev"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends clang libclang-rt-14-dev; \
+	  else \
+	    echo "make fuzz needs clang with libFuzzer; run:"; \
+	    echo "  sudo apt-get install -y clang libclang-rt-14-dev"; exit 1; \
+	  fi; \
+	fi
 
 fuzz: fuzz-build
 	@tests/fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
