@@ -212,7 +212,7 @@ FUZZ_BUILD   := build/fuzz
 FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -O1 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
                 -fno-strict-aliasing -pthread -MMD -MP $(FUZZ_SAN) -fsanitize=fuzzer-no-link
-FUZZ_TARGETS := gguf request_completions request_chat tokenizer chat_template stream
+FUZZ_TARGETS := gguf request_completions request_chat tokenizer chat_template stream sse
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
 

@@ -124,6 +124,20 @@ write("stream", "overlap", stream_seed([b"abcd", b"bc"], [b"ab", b"c", b"d"]))
 write("stream", "invalid", stream_seed([b"\xa9x"], [b"\xc3", b"\xa9x", b"\xff\xfe"], invalid=True))
 write("stream", "emoji", stream_seed([b"\xf0\x9f\x98\x80"], [b"\xf0\x9f", b"\x98", b"\x81\xf0\x9f\x98\x80"]))
 
+# ---- sse ---------------------------------------------------------------------
+# byte 0: flags (1 chat, 2/4 n-1, 8 include_usage, 16 logprobs, 32 two
+# prompts, 64 echo); then events: type (0-5 token, 6 finish, 7 error),
+# choice, token id (2 bytes), text length, text.
+def ev(t, c, tok, text=b""):
+    return bytes([t, c, tok & 255, tok >> 8, len(text)]) + text
+
+write("sse", "completion", bytes([0]) + ev(0, 0, 450, b" Hello") + ev(1, 0, 3186, b" world") + ev(6, 0, 0, b"\x01"))
+write("sse", "chat-n2-usage-logprobs", bytes([1 | 2 | 8 | 16]) + ev(0, 0, 450, b"Hi") + ev(0, 1, 29889, b"\xc3\xa9")
+      + ev(6, 1, 0) + ev(2, 0, 13, b"!") + ev(6, 0, 0))
+write("sse", "error-midway", bytes([1 | 4]) + ev(0, 0, 450, b"a") + ev(7, 0, 0, b"\x01") + ev(0, 1, 1, b"b"))
+write("sse", "echo-two-prompts", bytes([32 | 64 | 16 | 8]) + ev(0, 0, 450, b"x") + ev(5, 1, 0, b"tail") + ev(6, 1, 0)
+      + ev(6, 0, 0) + ev(0, 2, 3, b"y") + ev(6, 2, 0) + ev(6, 3, 0))
+
 # ---- gguf ------------------------------------------------------------------
 T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR = 4, 5, 6, 7, 8, 9
 
