@@ -450,7 +450,14 @@ START_TEST(test_sigterm_grace_expires) {
     for (int i = 0; i < 2; i++) q[i] = (load_req){p.port, i == 1, 1000, 0, NULL};
     /* Long ones: they cannot finish within the grace period. */
     for (int i = 0; i < 2; i++) pthread_create(&th[i], NULL, load_worker, &q[i]);
-    usleep(300 * 1000);
+    bool busy = false; /* both running before the signal */
+    for (int i = 0; i < 200 && !busy; i++) {
+        char *m = scrape(p.port);
+        busy = m && sample(m, "saserve_num_requests_running") == 2;
+        free(m);
+        if (!busy) usleep(20 * 1000);
+    }
+    ck_assert(busy);
     double t0 = now_s();
     kill(p.pid, SIGTERM);
     for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);

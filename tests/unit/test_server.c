@@ -873,7 +873,18 @@ START_TEST(test_queue_full_and_drain) {
     /* SIGTERM while a request is in flight: new ones get 503, the running
      * one finishes, the process exits 0. */
     int fd = send_raw(p.port, "{\"prompt\": \"You will be\", \"max_tokens\": 400, \"ignore_eos\": true}");
-    usleep(300 * 1000);
+    /* Signal only once the request runs: a request still unread in the
+     * socket when SIGTERM lands is not in flight, and with nothing in flight
+     * the server exits at once (a fixed 300 ms was not always enough on a
+     * busy machine). */
+    bool running = false;
+    for (int i = 0; i < 200 && !running; i++) {
+        ck_assert_int_eq(http_do(p.port, "GET", "/metrics", NULL, NULL, &r), 0);
+        running = strstr(r.body, "saserve_num_requests_running 1\n") != NULL;
+        http_resp_free(&r);
+        if (!running) usleep(20 * 1000);
+    }
+    ck_assert(running);
     kill(p.pid, SIGTERM);
     usleep(300 * 1000);
     ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", NULL, longreq, &r), 0);
