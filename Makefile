@@ -6,6 +6,9 @@
 #   make bench      benchmarks, printed as figures and ratios
 #   make SANITIZE=address,undefined test   the same under sanitizers (own build dir)
 #   make docker-check   docker/Dockerfile's steps in a debootstrapped Debian 12 chroot (root; minutes)
+#   make tsan       ThreadSanitizer run of the scheduler and server suites
+#   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
+#   make soak       SOAK_REQUESTS mixed requests against a live server, then checks
 #
 # Missing Debian packages are installed with apt-get when run as root;
 # otherwise the exact command is printed.
@@ -150,8 +153,38 @@ run: all
 
 # Tests find the saserve binary through SASERVE_BIN and the reference models
 # through SASERVE_SHARED (default ../shared; cases skip when it is absent).
+#
+# Under SANITIZE=..., every process the run starts (the runner's forked tests
+# and the saserve servers they start) writes its sanitizer reports to files
+# under $(BUILD)/sanitizer-reports/ instead of stderr: a race or leak in a
+# server process would otherwise only reach that server's log.  Any report
+# fails the run and is printed.  TSan suppressions: tests/tsan.supp.
+SAN_REPORTS  = $(abspath $(BUILD))/sanitizer-reports
+SAN_ENV      = TSAN_OPTIONS="log_path=$(SAN_REPORTS)/tsan suppressions=$(abspath tests/tsan.supp) $(TSAN_OPTIONS)" \
+               ASAN_OPTIONS="log_path=$(SAN_REPORTS)/asan $(ASAN_OPTIONS)" \
+               UBSAN_OPTIONS="log_path=$(SAN_REPORTS)/ubsan print_stacktrace=1 $(UBSAN_OPTIONS)"
 test: deps test-deps node-deps $(BIN) $(TEST_BIN)
+ifeq ($(SANITIZE),)
 	@SASERVE_BIN=$(BIN) $(TEST_BIN)
+else
+	@rm -rf $(SAN_REPORTS) && mkdir -p $(SAN_REPORTS)
+	@SASERVE_BIN=$(BIN) $(SAN_ENV) $(TEST_BIN); rc=$$?; \
+	if [ -n "$$(ls -A $(SAN_REPORTS))" ]; then \
+	  echo "sanitizer reports ($(SANITIZE)):"; cat $(SAN_REPORTS)/*; exit 1; \
+	fi; exit $$rc
+endif
+
+# ThreadSanitizer over the threaded code: the scheduler suite (its thread
+# against submitters, cancellations and snapshots), the request suite (the
+# scheduler -> loop wake queue) and the server suite (real saserve
+# processes: loop thread, scheduler thread, engine pool).
+TSAN_SUITES ?= scheduler request server
+.PHONY: tsan
+tsan:
+	@for s in $(TSAN_SUITES); do \
+	  echo "== SANITIZE=thread CK_RUN_SUITE=$$s"; \
+	  CK_RUN_SUITE=$$s $(MAKE) --no-print-directory SANITIZE=thread test || exit 1; \
+	done
 
 bench: all
 	@tests/bench/run.sh $(BIN)
@@ -160,8 +193,71 @@ bench: all
 # engine: docker/build.sh in clean debootstrapped roots (see docker/check.sh).
 docker-check:
 	@docker/check.sh
+# Soak: tests/tools/soak.c starts its own server on 127.0.0.1 and drives it
+# with SOAK_REQUESTS mixed requests from SOAK_CLIENTS threads (5% malformed,
+# 10% dropped mid-stream, some over the queue limit), then checks responses,
+# metrics accounting, KV blocks, RSS and file descriptors (see soak.c).
+SOAK_REQUESTS ?= 10000
+SOAK_CLIENTS  ?= 16
+.PHONY: soak
+soak: all $(BUILD)/tools/soak
+	$(BUILD)/tools/soak --bin $(BIN) --model $(MODEL) --requests $(SOAK_REQUESTS) --clients $(SOAK_CLIENTS)
+
+# ---- fuzzing --------------------------------------------------------------
+# libFuzzer targets (tests/fuzz/fuzz_*.c), built with clang into build/fuzz/
+# from their own objects of the library sources: ASan + UBSan (every UB is
+# fatal) + coverage instrumentation.  The main build stays with $(CC).
+# Debian: apt-get install clang libclang-rt-14-dev (libFuzzer comes with the
+# latter).  `make fuzz FUZZ_SECONDS=N` runs each target for N seconds on a
+# working corpus under build/fuzz/corpus/<target>/, seeded from the committed
+# tests/fuzz/<target>/; crashes land in build/fuzz/artifacts/<target>/.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_BUILD   := build/fuzz
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -O1 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
+                -fno-strict-aliasing -pthread -MMD -MP $(FUZZ_SAN) -fsanitize=fuzzer-no-link
+FUZZ_TARGETS := gguf request_completions request_chat tokenizer chat_template stream sse
+FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
+
+.PHONY: fuzz fuzz-build fuzz-deps
+fuzz-build: fuzz-deps $(FUZZ_BINS)
+
+# libFuzzer ships with clang's runtime libraries (Debian: libclang-rt-14-dev).
+fuzz-deps: deps
+	@if ! command -v $(FUZZ_CC) >/dev/null || ! echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }' | \
+	     $(FUZZ_CC) -x c -fsanitize=fuzzer -o /dev/null - 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing clang and libFuzzer: clang libclang-rt-14-dev"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends clang libclang-rt-14-dev; \
+	  else \
+	    echo "make fuzz needs clang with libFuzzer; run:"; \
+	    echo "  sudo apt-get install -y clang libclang-rt-14-dev"; exit 1; \
+	  fi; \
+	fi
+
+fuzz: fuzz-build
+	@tests/fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+$(FUZZ_BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(CPPFLAGS) -Itests/fuzz $(PKG_CFLAGS) $(FUZZ_CFLAGS) -c $< -o $@
+
+# One source, two targets: the completions and the chat request parser.
+$(FUZZ_BUILD)/obj/tests/fuzz/fuzz_request_completions.o: tests/fuzz/fuzz_request.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(CPPFLAGS) -Itests/fuzz $(PKG_CFLAGS) $(FUZZ_CFLAGS) -c $< -o $@
+$(FUZZ_BUILD)/obj/tests/fuzz/fuzz_request_chat.o: tests/fuzz/fuzz_request.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(CPPFLAGS) -Itests/fuzz $(PKG_CFLAGS) $(FUZZ_CFLAGS) -DFUZZ_CHAT -c $< -o $@
+
+$(FUZZ_BUILD)/%: $(FUZZ_BUILD)/obj/tests/fuzz/fuzz_%.o $(FUZZ_LIB_OBJ)
+	@echo "link $@"
+	@$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $^ $(PKG_LIBS) -lm -pthread
 
 clean:
 	rm -rf build
 
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD) $(FUZZ_BUILD) -name '*.d' 2>/dev/null | sort -u)

@@ -11,6 +11,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,7 +74,9 @@ struct engine {
     int *out_row;       /* [max_T] rows whose logits are computed */
     int *item_first;    /* [max_T] first row of each item */
 
-    engine_counters counters;
+    /* Counters: written by the engine thread, read from any thread. */
+    _Atomic uint64_t tokens_processed;
+    _Atomic double flops_saved;
     engine_attn_observer observer;
     void *observer_ud;
 };
@@ -122,6 +125,45 @@ static size_t mem_available(void) {
         if (sscanf(line, "MemAvailable: %zu kB", &kb) == 1) break;
     fclose(f);
     return kb * 1024;
+}
+
+/* Memory this process may use at most: MemTotal, or less under a cgroup
+ * memory limit (v2 memory.max, v1 memory.limit_in_bytes).  0 if unknown. */
+static size_t mem_limit(void) {
+    size_t limit = 0, kb = 0;
+    char line[256];
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "MemTotal: %zu kB", &kb) == 1) break;
+        fclose(f);
+        limit = kb * 1024;
+    }
+    static const char *const cg[] = {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"};
+    for (size_t i = 0; i < sizeof cg / sizeof cg[0]; i++) {
+        unsigned long long v;
+        f = fopen(cg[i], "r");
+        if (!f) continue;
+        if (fgets(line, sizeof line, f) && sscanf(line, "%llu", &v) == 1 && v > 0 && (!limit || v < limit))
+            limit = (size_t)v;
+        fclose(f);
+    }
+    return limit;
+}
+
+void engine_guard_sigbus(void) {
+    _Static_assert(ENGINE_SIGBUS_EXIT == GGUF_SIGBUS_EXIT, "exit codes differ");
+    gguf_guard_sigbus();
+}
+
+static const char *human_bytes(size_t n, char *buf, size_t cap) {
+    static const char *const units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    double v = (double)n;
+    int u = 0;
+    while (v >= 1024 && u < 5) v /= 1024, u++;
+    if (u == 0) snprintf(buf, cap, "%zu bytes", n);
+    else snprintf(buf, cap, "%.1f %s", v, units[u]);
+    return buf;
 }
 
 static void *xcalloc(size_t n, size_t size, bool *ok) {
@@ -244,8 +286,22 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
         goto fail;
     }
     kp.n_blocks = (int)n_blocks;
+    /* A pool beyond the machine's memory would not fail cleanly when it is
+     * backed (the kernel's OOM killer would end the process instead): refuse
+     * it now, with the numbers. */
+    size_t limit = mem_limit(), pool_bytes = n_blocks * block_bytes;
+    char hb[32], hl[32];
+    if (limit && pool_bytes > limit) {
+        snprintf(err, errlen,
+                 "KV cache of %s does not fit in memory (%s for this process, model not counted); lower "
+                 "--kv-cache-bytes (0 sizes it automatically)",
+                 human_bytes(pool_bytes, hb, sizeof hb), human_bytes(limit, hl, sizeof hl));
+        rc = ENGINE_ENOMEM;
+        goto fail;
+    }
     if (kv_init(&e->kv, &kp) != 0) {
-        snprintf(err, errlen, "cannot allocate a KV cache of %zu bytes", n_blocks * block_bytes);
+        snprintf(err, errlen, "cannot allocate a KV cache of %s: out of memory; lower --kv-cache-bytes",
+                 human_bytes(pool_bytes, hb, sizeof hb));
         rc = ENGINE_ENOMEM;
         goto fail;
     }
@@ -352,7 +408,8 @@ int engine_open(const engine_params *params, engine **out, char *err, size_t err
     *out = e;
     return 0;
 oom:
-    snprintf(err, errlen, "out of memory allocating engine buffers");
+    snprintf(err, errlen, "out of memory allocating engine buffers (activations for --max-batch-tokens %d, context "
+             "%d); lower them", p->max_batch_tokens, e->n_ctx);
     rc = ENGINE_ENOMEM;
 fail:
     engine_close(e);
@@ -448,8 +505,8 @@ int engine_kv_free_blocks(const engine *e) { return kv_available(&e->kv); }
 int engine_kv_used_blocks(const engine *e) { return kv_used(&e->kv); }
 
 void engine_get_prefix_stats(const engine *e, engine_prefix_stats *out) {
-    out->queries = e->kv.prefix_queries;
-    out->hits = e->kv.prefix_hits;
+    out->queries = atomic_load_explicit(&e->kv.prefix_queries, memory_order_relaxed);
+    out->hits = atomic_load_explicit(&e->kv.prefix_hits, memory_order_relaxed);
 }
 
 void engine_set_attn_observer(engine *e, engine_attn_observer fn, void *ud) {
@@ -457,7 +514,10 @@ void engine_set_attn_observer(engine *e, engine_attn_observer fn, void *ud) {
     e->observer_ud = ud;
 }
 
-void engine_get_counters(const engine *e, engine_counters *out) { *out = e->counters; }
+void engine_get_counters(const engine *e, engine_counters *out) {
+    out->tokens_processed = atomic_load_explicit(&e->tokens_processed, memory_order_relaxed);
+    out->attention_flops_saved = atomic_load_explicit(&e->flops_saved, memory_order_relaxed);
+}
 
 /* ==== Forward pass ===================================================== */
 
@@ -908,14 +968,18 @@ int engine_step(engine *e, engine_batch_item *items, int n_items) {
         matmul(e, &m->output, e->hid, n_out, o_plain, e->logits);
     }
 
+    double saved = 0;
     for (int i = 0; i < n_items; i++) {
         kv_seq *s = &e->kv.seqs[items[i].seq];
         int p0 = s->n_tokens;
         kv_commit(&e->kv, items[i].seq, items[i].tokens, items[i].n_tokens);
         if (e->info.n_shared)
-            for (int t = 0; t < items[i].n_tokens; t++)
-                e->counters.attention_flops_saved += e->info.n_shared * flops_saved(m, p0 + t + 1);
+            for (int t = 0; t < items[i].n_tokens; t++) saved += e->info.n_shared * flops_saved(m, p0 + t + 1);
     }
-    e->counters.tokens_processed += (uint64_t)T;
+    /* One writer (this thread): a relaxed load + store is enough. */
+    if (saved > 0)
+        atomic_store_explicit(&e->flops_saved, atomic_load_explicit(&e->flops_saved, memory_order_relaxed) + saved,
+                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->tokens_processed, (uint64_t)T, memory_order_relaxed);
     return 0;
 }

@@ -60,6 +60,14 @@ typedef void (*engine_log_fn)(engine_log_level level, const char *msg, void *ud)
  * call before engine_open(). */
 void engine_set_log(engine_log_fn fn, void *ud);
 
+/* Weights are read from a mapping of the model file.  If the file is
+ * truncated on disk while mapped, the next read past its new end raises
+ * SIGBUS.  engine_guard_sigbus() turns that into a message naming the file on
+ * stderr and exit status ENGINE_SIGBUS_EXIT instead of a bare "Bus error".
+ * Process-wide; call once at start-up, before engine_open(). */
+#define ENGINE_SIGBUS_EXIT 70
+void engine_guard_sigbus(void);
+
 typedef struct engine engine;
 
 /* Copy engine_default_params() and change what you need. */
@@ -216,7 +224,7 @@ typedef void (*engine_attn_observer)(int layer, int item, int n_head, int n_toke
                                      const float *probs, void *ud);
 void engine_set_attn_observer(engine *e, engine_attn_observer fn, void *ud);
 
-/* Counters since open. */
+/* Counters since open.  Any thread (engine_get_prefix_stats too). */
 typedef struct {
     uint64_t tokens_processed;
     double attention_flops_saved; /* QK^T + softmax + Q/K projection work skipped */

@@ -10,7 +10,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -305,6 +307,69 @@ gguf *gguf_parse(const void *data, size_t size, char *err, size_t errlen) {
     return g;
 }
 
+/* ==== SIGBUS guard ===================================================== */
+
+/* Reading a page of a mapped file past its current end raises SIGBUS: the
+ * model file was truncated (or rewritten shorter) on disk while mapped.
+ * Mappings are registered here so a handler can say which file it was,
+ * instead of the process dying with "Bus error".  The messages are built
+ * when the file is opened; the handler only calls write(2) and _exit(2). */
+
+#define GUARD_SLOTS 8
+
+static struct {
+    _Atomic(const uint8_t *) base; /* NULL: free slot */
+    size_t size;
+    char msg[512];
+    size_t msg_len;
+} guard[GUARD_SLOTS];
+
+static void guard_add(const uint8_t *base, size_t size, const char *path) {
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        const uint8_t *expect = NULL;
+        if (atomic_load(&guard[i].base) != NULL) continue;
+        int n = snprintf(guard[i].msg, sizeof guard[i].msg,
+                         "saserve: fatal: SIGBUS reading the model file '%s': it was truncated or rewritten on disk "
+                         "while the server had it mapped. Restore the file and restart; replace model files by "
+                         "renaming a new file over the old one, never by writing into it.\n",
+                         path);
+        guard[i].msg_len = n < 0 ? 0 : (size_t)n < sizeof guard[i].msg ? (size_t)n : sizeof guard[i].msg - 1;
+        guard[i].size = size;
+        /* Publish last: the handler reads size and msg after base. */
+        if (atomic_compare_exchange_strong(&guard[i].base, &expect, base)) return;
+    }
+}
+
+static void guard_remove(const uint8_t *base) {
+    for (int i = 0; i < GUARD_SLOTS; i++)
+        if (atomic_load(&guard[i].base) == base) atomic_store(&guard[i].base, NULL);
+}
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc) {
+    (void)uc;
+    const uint8_t *a = si ? (const uint8_t *)si->si_addr : NULL;
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        const uint8_t *b = atomic_load(&guard[i].base);
+        if (b && a >= b && a < b + guard[i].size) {
+            ssize_t w = write(STDERR_FILENO, guard[i].msg, guard[i].msg_len);
+            (void)w;
+            _exit(GGUF_SIGBUS_EXIT);
+        }
+    }
+    /* Not a model mapping: the default action (terminate, core) once the
+     * faulting access runs again. */
+    signal(sig, SIG_DFL);
+}
+
+void gguf_guard_sigbus(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, NULL);
+}
+
 gguf *gguf_open(const char *path, char *err, size_t errlen) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
@@ -336,6 +401,7 @@ gguf *gguf_open(const char *path, char *err, size_t errlen) {
         return NULL;
     }
     g->mapped = true;
+    guard_add(g->base, g->size, path);
     return g;
 }
 
@@ -346,7 +412,10 @@ void gguf_close(gguf *g) {
             if (g->kvs[i].type == GGUF_T_ARRAY) free(g->kvs[i].v.arr.strs);
     free(g->kvs);
     free(g->tensors);
-    if (g->mapped) munmap((void *)g->base, g->size);
+    if (g->mapped) {
+        guard_remove(g->base);
+        munmap((void *)g->base, g->size);
+    }
     free(g);
 }
 
@@ -434,8 +503,18 @@ int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i) {
     size_t es = scalar_size(kv->v.arr.type);
     decode_scalar(kv->v.arr.type, (const uint8_t *)kv->v.arr.data + i * es, &tmp);
     switch (kv->v.arr.type) {
-    case GGUF_T_FLOAT32: case GGUF_T_FLOAT64: return (int64_t)tmp.v.f;
+    case GGUF_T_FLOAT32: case GGUF_T_FLOAT64: {
+        /* Converting a NaN or an out-of-range float to an integer is
+         * undefined: saturate instead (NaN gives 0). */
+        double f = tmp.v.f;
+        if (!(f == f)) return 0;
+        if (f >= 9223372036854775807.0) return INT64_MAX;
+        if (f <= -9223372036854775808.0) return INT64_MIN;
+        return (int64_t)f;
+    }
     case GGUF_T_BOOL: return tmp.v.b;
-    default: return is_unsigned(kv->v.arr.type) ? (int64_t)tmp.v.u : tmp.v.i;
+    default:
+        if (is_unsigned(kv->v.arr.type)) return tmp.v.u > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)tmp.v.u;
+        return tmp.v.i;
     }
 }

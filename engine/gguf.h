@@ -76,6 +76,15 @@ gguf *gguf_open(const char *path, char *err, size_t errlen);
 gguf *gguf_parse(const void *data, size_t size, char *err, size_t errlen);
 void gguf_close(gguf *g);
 
+/* A model file truncated on disk while mapped makes the next read of a page
+ * past its new end raise SIGBUS.  gguf_guard_sigbus() installs a handler
+ * (process-wide; call once, before other threads start) that, for a fault
+ * inside a mapping gguf_open() made, writes a message naming the file to
+ * stderr and exits with GGUF_SIGBUS_EXIT (70, EX_SOFTWARE); any other SIGBUS
+ * keeps its default action. */
+#define GGUF_SIGBUS_EXIT 70
+void gguf_guard_sigbus(void);
+
 uint32_t gguf_version(const gguf *g);
 size_t gguf_file_size(const gguf *g);
 uint64_t gguf_n_kv(const gguf *g);
@@ -94,7 +103,9 @@ bool gguf_get_f64(const gguf *g, const char *key, double *out, bool *bad);
 bool gguf_get_bool(const gguf *g, const char *key, bool *out, bool *bad);
 bool gguf_get_str(const gguf *g, const char *key, gguf_str *out, bool *bad);
 
-/* Element i of a numeric array as double / int64 (checked by caller: i < n). */
+/* Element i of a numeric array as double / int64 (checked by caller: i < n).
+ * gguf_arr_i64 truncates floats toward zero and saturates what int64 cannot
+ * hold (NaN gives 0). */
 double gguf_arr_f64(const gguf_kv *kv, uint64_t i);
 int64_t gguf_arr_i64(const gguf_kv *kv, uint64_t i);
 

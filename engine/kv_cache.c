@@ -3,6 +3,9 @@
  */
 #include "kv_cache.h"
 
+#include <errno.h>
+#include <unistd.h>
+
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -117,6 +120,20 @@ size_t kv_block_bytes(const kv_cache_params *p) {
     return total;
 }
 
+/* Backs n bytes of a fresh anonymous mapping with memory now.  The pool is
+ * all the server will ever use for KV, so it is committed at start-up, as
+ * inference servers do: a machine that cannot hold it fails here, not under
+ * load, and the process's RSS is what it will stay (lazily backed pages
+ * would make it creep up as the prefix cache spreads over the pool). */
+static int populate(void *p, size_t n) {
+    if (madvise(p, n, MADV_POPULATE_WRITE) == 0) return 0;
+    if (errno != EINVAL) return -1; /* ENOMEM, EFAULT (cgroup limit), ... */
+    /* Kernels before 5.14 lack MADV_POPULATE_WRITE: touch every page. */
+    long page = sysconf(_SC_PAGESIZE);
+    for (size_t o = 0; o < n; o += page > 0 ? (size_t)page : 4096) ((volatile char *)p)[o] = 0;
+    return 0;
+}
+
 int kv_init(kv_cache *c, const kv_cache_params *p) {
     memset(c, 0, sizeof *c);
     c->n_layer = p->n_layer;
@@ -137,14 +154,16 @@ int kv_init(kv_cache *c, const kv_cache_params *p) {
     c->v = calloc((size_t)p->n_layer, sizeof *c->v);
     if (!c->k || !c->v) goto fail;
     for (int l = 0; l < p->n_layer; l++) {
-        /* Anonymous mappings: pages are only backed once written. */
+        /* Anonymous mappings, backed with memory at once (populate). */
         c->v[l] = mmap(NULL, plane, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (c->v[l] == MAP_FAILED) { c->v[l] = NULL; goto fail; }
         c->v_bytes += plane;
+        if (populate(c->v[l], plane) != 0) goto fail;
         if (p->has_k[l]) {
             c->k[l] = mmap(NULL, plane, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (c->k[l] == MAP_FAILED) { c->k[l] = NULL; goto fail; }
             c->k_bytes += plane;
+            if (populate(c->k[l], plane) != 0) goto fail;
         }
     }
     size_t nb = (size_t)p->n_blocks;
@@ -261,7 +280,7 @@ int kv_prefix_attach(kv_cache *c, int seq, const int32_t *tokens, int n) {
     int bt = c->block_tokens;
     int n_full = (n - 1) / bt; /* keep at least the last token to compute */
     if (n_full > c->max_blocks_per_seq) n_full = c->max_blocks_per_seq;
-    c->prefix_queries += (uint64_t)n_full * (uint64_t)bt;
+    atomic_fetch_add_explicit(&c->prefix_queries, (uint64_t)n_full * (uint64_t)bt, memory_order_relaxed);
     uint64_t h = HASH_ROOT;
     for (int i = 0; i < n_full; i++) {
         const int32_t *bt_tokens = tokens + (size_t)i * (size_t)bt;
@@ -275,7 +294,7 @@ int kv_prefix_attach(kv_cache *c, int seq, const int32_t *tokens, int n) {
         s->n_hashed++;
         s->last_hash = hi;
         h = hi;
-        c->prefix_hits += (uint64_t)bt;
+        atomic_fetch_add_explicit(&c->prefix_hits, (uint64_t)bt, memory_order_relaxed);
     }
     return s->n_tokens;
 }

@@ -21,6 +21,7 @@
 #ifndef SASERVE_KV_CACHE_H
 #define SASERVE_KV_CACHE_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -61,7 +62,8 @@ typedef struct {
 
     kv_seq *seqs;
     int max_seqs;
-    uint64_t prefix_queries, prefix_hits;
+    /* Written by the engine thread, read from any thread (metrics). */
+    _Atomic uint64_t prefix_queries, prefix_hits;
 } kv_cache;
 
 typedef struct {

@@ -243,9 +243,15 @@ static int load_weights(loader *l) {
 
 int model_load(model *m, const char *path, char *err, size_t errlen) {
     memset(m, 0, sizeof *m);
+    gguf *g = gguf_open(path, err, errlen);
+    if (!g) return ENGINE_EFORMAT;
+    return model_load_gguf(m, g, path, err, errlen);
+}
+
+int model_load_gguf(model *m, gguf *g, const char *path, char *err, size_t errlen) {
+    memset(m, 0, sizeof *m);
     loader l = {m, err, errlen, 0, 0};
-    m->g = gguf_open(path, err, errlen);
-    if (!m->g) return ENGINE_EFORMAT;
+    m->g = g;
     int rc = load_hparams(&l);
     if (rc == 0) {
         /* Room for every 1-D tensor converted to f32. */

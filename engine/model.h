@@ -72,6 +72,10 @@ typedef struct {
 /* Loads hyperparameters and weights from path.  Returns 0 or a negative
  * ENGINE_E* code with a one-line reason in err. */
 int model_load(model *m, const char *path, char *err, size_t errlen);
+/* The same from a parsed GGUF (gguf_parse on a buffer: tests, fuzzing).  The
+ * model takes g over (model_free closes it, also on failure); path names the
+ * model when it has no general.name. */
+int model_load_gguf(model *m, gguf *g, const char *path, char *err, size_t errlen);
 void model_free(model *m);
 
 #endif

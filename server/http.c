@@ -311,14 +311,7 @@ static void on_mhd_timer(uv_timer_t *h) { run_mhd(h->data); }
 /* Scheduler -> loop: called on the scheduler thread. */
 static void notify_pending(request *r, void *ud) {
     server *s = ud;
-    pthread_mutex_lock(&s->pmu);
-    if (!r->in_pending) {
-        r->in_pending = true;
-        request_ref(r);
-        r->pending_next = s->pending;
-        s->pending = r;
-    }
-    pthread_mutex_unlock(&s->pmu);
+    req_wakeq_push(&s->wakeq, r);
     uv_async_send(&s->wake);
 }
 
@@ -327,14 +320,10 @@ static void maybe_finish_drain(server *s);
 /* uv_async_send coalesces: drain everything that is pending. */
 static void on_wake(uv_async_t *h) {
     server *s = h->data;
-    pthread_mutex_lock(&s->pmu);
-    request *list = s->pending;
-    s->pending = NULL;
-    for (request *r = list; r; r = r->pending_next) r->in_pending = false;
-    pthread_mutex_unlock(&s->pmu);
+    request *list = req_wakeq_take(&s->wakeq);
     while (list) {
         request *r = list;
-        list = r->pending_next;
+        list = r->wake_next;
         req_outbox out;
         request_take_outbox(r, &out);
         if (out.n) routes_consume_events(s, r, &out);
@@ -482,7 +471,7 @@ int server_run(server *s) {
         return 1;
     }
     s->loop = uv_default_loop();
-    pthread_mutex_init(&s->pmu, NULL);
+    req_wakeq_init(&s->wakeq);
     uv_poll_init(s->loop, &s->mhd_poll, di->epoll_fd);
     s->mhd_poll.data = s;
     uv_poll_start(&s->mhd_poll, UV_READABLE, on_mhd_poll);
@@ -526,13 +515,7 @@ int server_run(server *s) {
     free(s->live);
     s->live = NULL;
     s->n_live = 0;
-    pthread_mutex_lock(&s->pmu);
-    while (s->pending) {
-        request *r = s->pending;
-        s->pending = r->pending_next;
-        request_unref(r);
-    }
-    pthread_mutex_unlock(&s->pmu);
+    req_wakeq_clear(&s->wakeq);
     uv_loop_close(s->loop);
     return 0;
 }

@@ -30,6 +30,8 @@ int main(int argc, char **argv) {
     /* Before anything touches OpenBLAS: it may re-execute us with a better
      * OPENBLAS_CORETYPE. */
     cpu_fix_blas_core(argc, argv);
+    /* A model file truncated under us: a clear message, not "Bus error". */
+    engine_guard_sigbus();
     if (argc < 2) {
         usage(stderr);
         return 2;

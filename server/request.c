@@ -202,3 +202,48 @@ void request_outbox_free(req_outbox *o) {
     buf_free(&o->text);
     memset(o, 0, sizeof *o);
 }
+
+/* ==== Wake queue ======================================================= */
+
+void req_wakeq_init(req_wakeq *q) {
+    pthread_mutex_init(&q->mu, NULL);
+    q->head = NULL;
+}
+
+void req_wakeq_clear(req_wakeq *q) {
+    for (request *r = req_wakeq_take(q), *next; r; r = next) {
+        next = r->wake_next;
+        request_unref(r);
+    }
+}
+
+bool req_wakeq_push(req_wakeq *q, request *r) {
+    pthread_mutex_lock(&q->mu);
+    bool added = !r->in_pending;
+    if (added) {
+        r->in_pending = true;
+        request_ref(r);
+        r->pending_next = q->head;
+        q->head = r;
+    }
+    pthread_mutex_unlock(&q->mu);
+    return added;
+}
+
+request *req_wakeq_take(req_wakeq *q) {
+    /* The list is relinked through wake_next under the lock: once in_pending
+     * is false the scheduler may queue a request again, rewriting its
+     * pending_next, so the taker must never follow pending_next unlocked. */
+    pthread_mutex_lock(&q->mu);
+    request *out = NULL;
+    for (request *r = q->head, *next; r; r = next) {
+        next = r->pending_next;
+        r->pending_next = NULL;
+        r->in_pending = false;
+        r->wake_next = out;
+        out = r;
+    }
+    q->head = NULL;
+    pthread_mutex_unlock(&q->mu);
+    return out;
+}

@@ -126,8 +126,9 @@ struct request {
     pthread_mutex_t mu;
     req_outbox out;
     bool ended;            /* last event posted */
-    bool in_pending;       /* on the server's to-drain list */
-    request *pending_next;
+    bool in_pending;       /* on a wake queue (under the queue's lock) */
+    request *pending_next; /* wake queue link (under the queue's lock) */
+    request *wake_next;    /* link of a list req_wakeq_take() returned (taker only) */
 
     /* Loop-owned. */
     struct MHD_Connection *conn;
@@ -165,6 +166,28 @@ void request_post_error(request *r, int status, const char *msg);
  * request_outbox_free). */
 void request_take_outbox(request *r, req_outbox *out);
 void request_outbox_free(req_outbox *o);
+
+/* ==== Wake queue (scheduler -> loop) =================================== */
+
+/* Requests with new events for the loop.  The scheduler pushes (any number
+ * of times: a request is queued once, holding one reference); the loop
+ * takes everything at once and owns the returned list, linked through
+ * wake_next, which later pushes never touch (a request is re-queued for its
+ * next events while the loop still works through the list it took). */
+typedef struct {
+    pthread_mutex_t mu;
+    request *head;
+} req_wakeq;
+
+void req_wakeq_init(req_wakeq *q);
+/* Drops the references of whatever is queued (the queue stays usable: the
+ * scheduler may still push while the server shuts down). */
+void req_wakeq_clear(req_wakeq *q);
+/* Any thread.  Returns true if r was not queued (a reference was taken). */
+bool req_wakeq_push(req_wakeq *q, request *r);
+/* Takes every queued request; the caller walks the list through wake_next
+ * and drops one reference per request. */
+request *req_wakeq_take(req_wakeq *q);
 
 double now_seconds(void); /* CLOCK_MONOTONIC */
 

@@ -26,12 +26,7 @@
 
 /* ==== Validation helpers =============================================== */
 
-typedef struct {
-    const char *param;
-    char msg[256];
-    int status; /* 400 unless set */
-    const char *code;
-} verr;
+typedef routes_verr verr;
 
 static bool bad(verr *e, const char *param, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static bool bad(verr *e, const char *param, const char *fmt, ...) {
@@ -341,6 +336,11 @@ static bool parse_messages(server *s, request *r, json_t *body, verr *e) {
     free(frags);
     buf_free(&text);
     if (!ok) return false;
+    /* Llama 2's template drops a system message that no turn follows, as
+     * its reference Jinja does: nothing would be left to prefill. */
+    if (r->prompt_len[0] == 0)
+        return bad(e, "messages", "the messages render to an empty prompt with the %s template (add a user turn)",
+                   s->chat_family);
     /* The turn ends at the template's end marker; when the model has no
      * such control token (e.g. ChatML on a base model) it is a stop string. */
     const char *end = chat_end_marker(s->chat_family);
@@ -355,88 +355,109 @@ static bool parse_messages(server *s, request *r, json_t *body, verr *e) {
 /* ==== /v1/completions and /v1/chat/completions ========================= */
 
 static enum MHD_Result respond_verr(server *s, struct MHD_Connection *conn, const verr *e) {
-    metrics_request_failure(s->m, FAIL_BAD_REQUEST);
-    return http_error(s, conn, e->status ? (unsigned)e->status : 400, "invalid_request_error", e->msg, e->param,
-                      e->code);
+    unsigned st = e->status ? (unsigned)e->status : 400;
+    metrics_request_failure(s->m, st >= 500 ? FAIL_INTERNAL : FAIL_BAD_REQUEST);
+    return http_error(s, conn, st, st >= 500 ? "server_error" : "invalid_request_error", e->msg, e->param, e->code);
 }
 
-static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, const char *body, size_t len,
-                                       req_kind kind, request **out) {
-    verr e = {0};
+int routes_parse_request(server *s, req_kind kind, const char *body, size_t len, request **out, routes_verr *e) {
+    *out = NULL;
+    memset(e, 0, sizeof *e);
     json_error_t jerr;
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
-        snprintf(e.msg, sizeof e.msg, "We could not parse the JSON body of your request: %s (line %d, column %d)",
+        snprintf(e->msg, sizeof e->msg, "We could not parse the JSON body of your request: %s (line %d, column %d)",
                  jerr.text, jerr.line, jerr.column);
-        return respond_verr(s, conn, &e);
+        return -1;
     }
     if (!json_is_object(root)) {
         json_decref(root);
-        snprintf(e.msg, sizeof e.msg, "The request body must be a JSON object.");
-        return respond_verr(s, conn, &e);
+        snprintf(e->msg, sizeof e->msg, "The request body must be a JSON object.");
+        return -1;
     }
     request *r = request_new(kind);
     if (!r) {
         json_decref(root);
-        return http_error(s, conn, 500, "server_error", "out of memory", NULL, NULL);
+        e->status = 500;
+        snprintf(e->msg, sizeof e->msg, "out of memory");
+        return -1;
     }
     make_id(s, r, kind == REQ_CHAT ? "chatcmpl-" : "cmpl-");
     r->created = (long long)time(NULL);
     json_t *model = field(root, "model");
     bool ok = true;
-    if (model && !json_is_string(model)) ok = bad(&e, "model", "'model' must be a string");
+    if (model && !json_is_string(model)) ok = bad(e, "model", "'model' must be a string");
     r->model = arena_strndup(&r->mem, s->model_id, strlen(s->model_id));
-    ok = ok && parse_common(s, r, root, &e);
+    ok = ok && parse_common(s, r, root, e);
     long long max_tokens = kind == REQ_CHAT ? s->info->n_ctx : s->cfg->default_max_tokens;
     bool explicit_max = false;
     long long limit = s->cfg->max_tokens_limit > 0 ? s->cfg->max_tokens_limit : s->info->n_ctx;
     if (ok) {
         const char *mk = field(root, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
         explicit_max = field(root, mk) != NULL;
-        ok = get_int(root, mk, kind == REQ_CHAT ? 1 : 0, limit, &max_tokens, &e);
+        ok = get_int(root, mk, kind == REQ_CHAT ? 1 : 0, limit, &max_tokens, e);
         if (!explicit_max && max_tokens > limit) max_tokens = limit;
     }
     if (ok && kind == REQ_COMPLETION) {
         json_t *lp = field(root, "logprobs");
         if (lp) {
             if (!json_is_integer(lp) || json_integer_value(lp) < 0 || json_integer_value(lp) > 5)
-                ok = bad(&e, "logprobs", "'logprobs' must be an integer between 0 and 5");
+                ok = bad(e, "logprobs", "'logprobs' must be an integer between 0 and 5");
             else
                 r->logprobs = (int)json_integer_value(lp);
         }
-        ok = ok && get_bool(root, "echo", &r->echo, &e);
+        ok = ok && get_bool(root, "echo", &r->echo, e);
         r->prompt_logprobs = r->echo && r->logprobs >= 0;
         json_t *suffix = field(root, "suffix");
-        if (ok && suffix) ok = bad(&e, "suffix", "'suffix' is not supported by this model");
-        ok = ok && parse_prompt(s, r, root, &e);
+        if (ok && suffix) ok = bad(e, "suffix", "'suffix' is not supported by this model");
+        ok = ok && parse_prompt(s, r, root, e);
     } else if (ok) {
         bool lp = false;
         long long top = 0;
-        ok = get_bool(root, "logprobs", &lp, &e) && get_int(root, "top_logprobs", 0, 20, &top, &e);
+        ok = get_bool(root, "logprobs", &lp, e) && get_int(root, "top_logprobs", 0, 20, &top, e);
         if (ok && field(root, "top_logprobs") && !lp)
-            ok = bad(&e, "top_logprobs", "'top_logprobs' requires 'logprobs' to be true");
+            ok = bad(e, "top_logprobs", "'top_logprobs' requires 'logprobs' to be true");
         if (ok && lp) r->logprobs = (int)top;
-        ok = ok && parse_messages(s, r, root, &e);
+        ok = ok && parse_messages(s, r, root, e);
     }
-    ok = ok && check_lengths(s, r, max_tokens, explicit_max, &e);
+    /* max_tokens == 0 with no echo is still a valid request (prompt
+     * accounting only). */
+    ok = ok && check_lengths(s, r, max_tokens, explicit_max, e);
     /* Every choice is a running sequence: more than max_running could never
      * be admitted, so refuse now instead of waiting forever. */
     if (ok && r->n_prompts * r->n > s->cfg->max_running)
-        ok = bad(&e, "n", "%d prompt(s) x n=%d choices exceed the %d sequences this server runs at once",
+        ok = bad(e, "n", "%d prompt(s) x n=%d choices exceed the %d sequences this server runs at once",
                  r->n_prompts, r->n, s->cfg->max_running);
     json_decref(root);
     if (!ok) {
         request_unref(r);
-        return respond_verr(s, conn, &e);
+        return -1;
     }
     for (int i = 0; i < r->n_prompts; i++) r->total_prompt_tokens += r->prompt_len[i];
     if (request_alloc_choices(r) != 0) {
         request_unref(r);
-        return http_error(s, conn, 500, "server_error", "out of memory", NULL, NULL);
+        e->status = 500;
+        snprintf(e->msg, sizeof e->msg, "out of memory");
+        return -1;
     }
+    *out = r;
+    return 0;
+}
+
+static enum MHD_Result handle_generate(server *s, struct MHD_Connection *conn, const char *body, size_t len,
+                                       req_kind kind, request **out) {
+    verr e;
+    request *r;
+    if (routes_parse_request(s, kind, body, len, &r, &e) != 0) return respond_verr(s, conn, &e);
     if (r->max_tokens == 0) {
-        /* Echo-only (or empty) completions never reach the scheduler. */
-        for (int i = 0; i < r->n_choices; i++) r->finish[i] = "length";
+        /* Echo-only (or empty) completions never reach the scheduler; they
+         * are counted here as the scheduler counts the others: per choice,
+         * with their prompt tokens. */
+        metrics_add_prompt_tokens(s->m, (uint64_t)r->total_prompt_tokens);
+        for (int i = 0; i < r->n_choices; i++) {
+            r->finish[i] = "length";
+            metrics_request_success(s->m, FIN_LENGTH);
+        }
         r->n_finished_loop = r->n_choices;
         r->loop_done = true;
         enum MHD_Result rc = routes_respond_final(s, conn, r);

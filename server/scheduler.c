@@ -32,6 +32,7 @@ struct scheduler {
     request *wait_head, *wait_tail;
     int n_waiting;
     bool draining, stop, started;
+    bool cancel_all; /* sched_cancel_all() asked; the scheduler applies it */
     pthread_t thread;
 
     request *running; /* admission order */
@@ -189,9 +190,10 @@ void sched_wake(scheduler *s) {
 void sched_cancel_all(scheduler *s) {
     pthread_mutex_lock(&s->mu);
     for (request *r = s->wait_head; r; r = r->sched_next) atomic_store(&r->cancel, true);
-    /* running is scheduler-owned; its requests are flagged through the
-     * same field, which the scheduler reads each iteration. */
-    for (request *r = s->running; r; r = r->sched_next) atomic_store(&r->cancel, true);
+    /* running is the scheduler thread's own list (it links and unlinks
+     * without the lock), so it is not walked here: the scheduler flags its
+     * running requests itself at the start of its next iteration. */
+    s->cancel_all = true;
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
 }
@@ -466,11 +468,25 @@ static void fork_siblings(scheduler *s, request *r, int leader) {
 
 /* ==== One iteration ==================================================== */
 
+/* KV usage for snapshots, which other threads take under mu. */
+static void set_kv_used(scheduler *s) {
+    int used = s->eng.used_blocks(s->eng.ctx);
+    pthread_mutex_lock(&s->mu);
+    s->kv_used = used;
+    pthread_mutex_unlock(&s->mu);
+}
+
 int sched_iterate(scheduler *s) {
     double now = now_seconds();
     s->n_touched = 0;
 
     /* 1. Cancellations and timeouts. */
+    pthread_mutex_lock(&s->mu);
+    bool cancel_all = s->cancel_all;
+    s->cancel_all = false;
+    pthread_mutex_unlock(&s->mu);
+    if (cancel_all)
+        for (request *r = s->running; r; r = r->sched_next) atomic_store(&r->cancel, true);
     for (request *r = s->running, *next; r; r = next) {
         next = r->sched_next;
         if (atomic_load(&r->cancel)) abort_request(s, r, true, 499, "cancelled", FAIL_CANCELLED);
@@ -579,7 +595,7 @@ int sched_iterate(scheduler *s) {
             if (stuck)
                 abort_request(s, r, true, 400, "the request needs more KV cache than the server has", FAIL_BAD_REQUEST);
         }
-        s->kv_used = s->eng.used_blocks(s->eng.ctx);
+        set_kv_used(s);
         for (int i = 0; i < s->n_touched; i++)
             if (s->notify) s->notify(s->touched[i], s->notify_ud);
         return 0;
@@ -637,7 +653,7 @@ int sched_iterate(scheduler *s) {
             touch(s, r);
         }
     }
-    s->kv_used = s->eng.used_blocks(s->eng.ctx);
+    set_kv_used(s);
     for (int i = 0; i < s->n_touched; i++) {
         request *r = s->touched[i];
         if (s->notify) s->notify(r, s->notify_ud);

@@ -37,9 +37,8 @@ typedef struct server {
     struct MHD_Daemon *mhd;
     int port; /* actually bound */
 
-    /* Requests with events for the loop (scheduler -> loop), under pmu. */
-    pthread_mutex_t pmu;
-    request *pending;
+    /* Requests with events for the loop (scheduler -> loop). */
+    req_wakeq wakeq;
 
     /* Loop-owned: requests with an open response, for disconnect checks. */
     request **live;
@@ -53,6 +52,24 @@ typedef struct server {
 
 /* Starts listening, runs the loop until shutdown.  Returns the exit code. */
 int server_run(server *s);
+
+/* routes.c: why a request body was refused.  status 0 means 400; 500 is an
+ * allocation failure.  param names the offending field (or NULL). */
+typedef struct {
+    const char *param;
+    char msg[256];
+    int status;
+    const char *code;
+} routes_verr;
+
+/* routes.c: parses and validates the JSON body of a /v1/completions
+ * (REQ_COMPLETION) or /v1/chat/completions (REQ_CHAT) request: parameters,
+ * prompt or chat rendering, tokens, length checks, choices.  Touches neither
+ * the connection, the scheduler nor the metrics, so it can be called without
+ * a running server (fuzzing needs cfg, eng, info, chat_family and model_id).
+ * Returns 0 and *out (one reference, the caller's; not queued), or -1 with
+ * *e filled.  Loop thread (or any one thread with its own server). */
+int routes_parse_request(server *s, req_kind kind, const char *body, size_t len, request **out, routes_verr *e);
 
 /* routes.c: the handler for a complete request (body read).  Returns an MHD
  * result; either queues a response or suspends the connection. */

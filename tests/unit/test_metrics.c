@@ -152,6 +152,43 @@ START_TEST(test_counters_follow_usage) {
 }
 END_TEST
 
+/* Every answered generation request is counted once per choice, including
+ * those that never reach the scheduler (max_tokens 0 with echo: they used
+ * to be missing from saserve_request_success_total and the prompt tokens). */
+START_TEST(test_every_request_counted) {
+    ck_assert(srv_ok);
+    char *before = scrape(srv.port);
+    double p0 = sample(before, "saserve_prompt_tokens_total");
+    double ok0 = sample(before, "saserve_request_success_total{finished_reason=\"length\"}") +
+                 sample(before, "saserve_request_success_total{finished_reason=\"stop\"}");
+    free(before);
+    static const char *const bodies[] = {
+        "{\"prompt\": \"The kernel provides\", \"max_tokens\": 0, \"echo\": true}",
+        "{\"prompt\": \"The kernel provides\", \"max_tokens\": 0, \"echo\": true, \"logprobs\": 1, \"n\": 2}",
+        "{\"prompt\": [\"a b\", \"c d e\"], \"max_tokens\": 0}",
+        "{\"prompt\": \"You will be\", \"max_tokens\": 3, \"n\": 2}",
+    };
+    int prompt = 0, choices = 0;
+    for (size_t i = 0; i < sizeof bodies / sizeof bodies[0]; i++) {
+        http_resp r;
+        ck_assert_int_eq(http_do(srv.port, "POST", "/v1/completions", NULL, bodies[i], &r), 0);
+        ck_assert_msg(r.status == 200, "%s: %d %s", bodies[i], r.status, r.body);
+        json_t *j = json_loads(r.body, 0, NULL);
+        prompt += (int)json_integer_value(json_object_get(json_object_get(j, "usage"), "prompt_tokens"));
+        choices += (int)json_array_size(json_object_get(j, "choices"));
+        json_decref(j);
+        http_resp_free(&r);
+    }
+    ck_assert_int_eq(choices, 1 + 2 + 2 + 2);
+    char *after = scrape(srv.port);
+    double ok1 = sample(after, "saserve_request_success_total{finished_reason=\"length\"}") +
+                 sample(after, "saserve_request_success_total{finished_reason=\"stop\"}");
+    ck_assert_double_eq(ok1 - ok0, choices);
+    ck_assert_double_eq(sample(after, "saserve_prompt_tokens_total") - p0, prompt);
+    free(after);
+}
+END_TEST
+
 typedef struct {
     int port;
     int status;
@@ -278,6 +315,7 @@ Suite *metrics_suite(void) {
     tcase_add_test(tc, test_promtool);
     tcase_add_test(tc, test_shared_attention_gauges);
     tcase_add_test(tc, test_counters_follow_usage);
+    tcase_add_test(tc, test_every_request_counted);
     tcase_add_test(tc, test_gauges_move);
     tcase_add_test(tc, test_prometheus_scrape);
     suite_add_tcase(s, tc);

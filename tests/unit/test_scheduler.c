@@ -7,8 +7,12 @@
  * tokens, so a request's output must not depend on how it was scheduled.
  */
 #include <check.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "scheduler.h"
 
@@ -421,6 +425,114 @@ START_TEST(test_timeout) {
 }
 END_TEST
 
+/* ==== The scheduler thread (for ThreadSanitizer) ======================= */
+
+/* Requests are submitted and cancelled from several threads while the
+ * scheduler thread runs them, other threads take snapshots, the notify
+ * callback drains outboxes as the HTTP loop does, and sched_cancel_all()
+ * lands in the middle.  Every request must end (all choices finished, or an
+ * error), and every block must come back.  Under SANITIZE=thread this is
+ * the scheduler's race test. */
+#define TH_SUBMITTERS 3
+#define TH_PER_THREAD 24
+#define TH_TOTAL (TH_SUBMITTERS * TH_PER_THREAD)
+
+typedef struct {
+    scheduler *s;
+    request *reqs[TH_TOTAL];
+    atomic_int finished[TH_TOTAL]; /* choices finished */
+    atomic_int errors[TH_TOTAL];
+    atomic_int accepted, refused;
+    atomic_bool stop_snap;
+} th_state;
+
+static th_state TS;
+
+static void th_notify(request *r, void *ud) {
+    (void)ud;
+    req_outbox o;
+    request_take_outbox(r, &o);
+    for (int i = 0; i < o.n; i++) {
+        if (o.ev[i].type == EV_FINISH) atomic_fetch_add(&TS.finished[r->num], 1);
+        if (o.ev[i].type == EV_ERROR) atomic_fetch_add(&TS.errors[r->num], 1);
+    }
+    request_outbox_free(&o);
+}
+
+static void *th_submit(void *arg) {
+    int t = (int)(intptr_t)arg;
+    for (int k = 0; k < TH_PER_THREAD; k++) {
+        int i = t * TH_PER_THREAD + k;
+        request *r = TS.reqs[i];
+        if (sched_submit(TS.s, r) == 0) atomic_fetch_add(&TS.accepted, 1);
+        else atomic_fetch_add(&TS.refused, 1), atomic_store(&TS.errors[i], -1);
+        if (k % 5 == 2) { /* a client that goes away */
+            atomic_store(&TS.reqs[i - 1]->cancel, true);
+            sched_wake(TS.s);
+        }
+        if (k % 7 == 0) {
+            struct timespec ts = {0, 200 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    return NULL;
+}
+
+static void *th_snapshot(void *arg) {
+    (void)arg;
+    while (!atomic_load(&TS.stop_snap)) {
+        sched_stats st;
+        sched_snapshot(TS.s, &st);
+        ck_assert_int_ge(st.waiting, 0);
+        ck_assert_int_le(st.kv_used_blocks, st.kv_total_blocks);
+    }
+    return NULL;
+}
+
+static bool th_ended(int i) {
+    const request *r = TS.reqs[i];
+    return atomic_load(&TS.errors[i]) != 0 || atomic_load(&TS.finished[i]) == r->n_choices;
+}
+
+START_TEST(test_threaded) {
+    memset(&TS, 0, sizeof TS);
+    sched_engine e = fake_engine(60, 32);
+    sched_config cfg = {.max_running = 4, .max_queue = TH_TOTAL, .max_batch_tokens = 32};
+    TS.s = sched_create(&e, &cfg, NULL, th_notify, NULL);
+    for (int i = 0; i < TH_TOTAL; i++) {
+        TS.reqs[i] = make_req(3 + i % 9, i, 4 + i % 13, 1 + (i % 4 == 0));
+        TS.reqs[i]->num = (uint64_t)i;
+    }
+    ck_assert_int_eq(sched_start(TS.s), 0);
+    pthread_t sub[TH_SUBMITTERS], snap;
+    pthread_create(&snap, NULL, th_snapshot, NULL);
+    for (int t = 0; t < TH_SUBMITTERS; t++) pthread_create(&sub[t], NULL, th_submit, (void *)(intptr_t)t);
+    for (int t = 0; t < TH_SUBMITTERS; t++) pthread_join(sub[t], NULL);
+    sched_cancel_all(TS.s); /* whatever still runs or waits is cancelled */
+    bool all = false;
+    for (int w = 0; w < 2000 && !all; w++) {
+        all = true;
+        for (int i = 0; i < TH_TOTAL; i++) all &= th_ended(i);
+        if (!all) {
+            struct timespec ts = {0, 5 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    atomic_store(&TS.stop_snap, true);
+    pthread_join(snap, NULL);
+    for (int i = 0; i < TH_TOTAL; i++) ck_assert_msg(th_ended(i), "request %d never ended", i);
+    ck_assert_int_eq(atomic_load(&TS.accepted) + atomic_load(&TS.refused), TH_TOTAL);
+    sched_stats st;
+    sched_snapshot(TS.s, &st);
+    ck_assert_int_eq(st.running_requests, 0);
+    ck_assert_int_eq(st.waiting, 0);
+    sched_stop(TS.s);
+    ck_assert_int_eq(F.used, 0);
+    sched_destroy(TS.s);
+    for (int i = 0; i < TH_TOTAL; i++) request_unref(TS.reqs[i]);
+}
+END_TEST
+
 Suite *scheduler_suite(void) {
     Suite *s = suite_create("scheduler");
     TCase *tc = tcase_create("admission");
@@ -436,6 +548,10 @@ Suite *scheduler_suite(void) {
     tcase_add_test(tc, test_cancel_frees);
     tcase_add_test(tc, test_prefix_reuse);
     tcase_add_test(tc, test_timeout);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("threads");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_threaded);
     suite_add_tcase(s, tc);
     return s;
 }

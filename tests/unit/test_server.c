@@ -364,6 +364,50 @@ START_TEST(test_openai_sdk) {
 }
 END_TEST
 
+typedef struct {
+    int port;
+    int status;
+} bg_stream;
+
+static void *long_stream(void *v) {
+    bg_stream *b = v;
+    http_resp r;
+    if (http_do(b->port, "POST", "/v1/completions", NULL,
+                "{\"prompt\": \"You will be\", \"max_tokens\": 300, \"ignore_eos\": true, \"stream\": true}",
+                &r) == 0)
+        b->status = r.status;
+    http_resp_free(&r);
+    return NULL;
+}
+
+/* /metrics scraped while the scheduler steps: the engine's counters
+ * (tokens, attention work saved, prefix-cache stats) are read by the loop
+ * thread as the engine thread updates them.  They were plain fields, a data
+ * race ThreadSanitizer reported in the server; they are atomics now (this
+ * test makes the overlap certain under make tsan). */
+START_TEST(test_scrape_during_generation) {
+    ck_assert(srv_ok);
+    bg_stream b = {srv.port, 0};
+    pthread_t th;
+    pthread_create(&th, NULL, long_stream, &b);
+    double last = -1;
+    for (int i = 0; i < 30; i++) {
+        http_resp r;
+        ck_assert_int_eq(http_do(srv.port, "GET", "/metrics", NULL, NULL, &r), 0);
+        ck_assert_int_eq(r.status, 200);
+        const char *p = strstr(r.body, "\nsaserve_attention_flops_saved_total ");
+        ck_assert_ptr_nonnull(p);
+        double v = strtod(p + strlen("\nsaserve_attention_flops_saved_total "), NULL);
+        ck_assert(v >= last); /* a counter never goes back */
+        last = v;
+        http_resp_free(&r);
+        usleep(20 * 1000);
+    }
+    pthread_join(th, NULL);
+    ck_assert_int_eq(b.status, 200);
+}
+END_TEST
+
 /* API keys (constant-time compare; /health exempt), CORS, body limit. */
 START_TEST(test_access) {
     srv_proc p;
@@ -418,6 +462,232 @@ START_TEST(test_access) {
     ck_assert_ptr_nonnull(log);
     ck_assert_ptr_null(strstr(log, "k1\n"));
     ck_assert_ptr_null(strstr(log, "Bearer"));
+    free(log);
+}
+END_TEST
+
+/* ==== Security: limits, caps, no filesystem, keys, bind ================ */
+
+#define KEY "sk-soak-SECRET-1234567890"
+#define WRONG_KEY "sk-wrong-9876543210"
+
+static srv_proc sec;
+static bool sec_ok;
+
+static void setup_security(void) {
+    const char *args[] = {"--model", BUNDLED, "--api-key", KEY, "--log-level", "debug", "--max-tokens-limit", "8",
+                          "--max-n", "2", "--ctx-size", "64", "--max-body-bytes", "64K", NULL};
+    sec_ok = srv_start(&sec, args) == 0;
+}
+
+static void teardown_security(void) {
+    if (sec_ok) srv_stop(&sec);
+    sec_ok = false;
+}
+
+/* Raw request; returns the status of the reply (0 if none). */
+static int raw_status(int port, const char *head, size_t head_len) {
+    int fd = test_connect(port);
+    ck_assert_int_ge(fd, 0);
+    size_t off = 0;
+    while (off < head_len) {
+        ssize_t w = write(fd, head + off, head_len - off);
+        if (w <= 0) break; /* the server may answer (and close) early */
+        off += (size_t)w;
+    }
+    char buf[512];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    int st = 0;
+    sscanf(buf, "HTTP/1.%*d %d", &st);
+    return st;
+}
+
+static void assert_healthy(int port) {
+    http_resp r;
+    ck_assert_int_eq(http_do(port, "GET", "/health", NULL, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    http_resp_free(&r);
+}
+
+/* Headers beyond libmicrohttpd's per-connection memory (64 KiB) get 431,
+ * as do very many headers and a huge request line; the server stays up. */
+START_TEST(test_header_limits) {
+    ck_assert(sec_ok);
+    size_t big = 100 * 1024;
+    char *req = malloc(big + 512);
+    int n = sprintf(req, "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ");
+    memset(req + n, 'a', big);
+    n += (int)big;
+    n += sprintf(req + n, "\r\n\r\n");
+    int st = raw_status(sec.port, req, (size_t)n);
+    ck_assert_msg(st == 431 || st == 413, "one huge header: status %d", st);
+    n = sprintf(req, "GET /health HTTP/1.1\r\nHost: x\r\n");
+    for (int i = 0; i < 8000; i++) n += sprintf(req + n, "X-H%d: v\r\n", i);
+    n += sprintf(req + n, "\r\n");
+    st = raw_status(sec.port, req, (size_t)n);
+    ck_assert_msg(st == 431 || st == 413, "8000 headers: status %d", st);
+    n = sprintf(req, "GET /");
+    memset(req + n, 'a', big);
+    n += (int)big;
+    n += sprintf(req + n, " HTTP/1.1\r\nHost: x\r\n\r\n");
+    st = raw_status(sec.port, req, (size_t)n);
+    ck_assert_msg(st == 414 || st == 431 || st == 413, "huge request line: status %d", st);
+    free(req);
+    assert_healthy(sec.port);
+}
+END_TEST
+
+/* Bodies over max_body_bytes get 413 whether announced (Content-Length) or
+ * chunked; chunked ones are read and discarded, never stored. */
+START_TEST(test_body_limits) {
+    ck_assert(sec_ok);
+    char head[256];
+    int n = snprintf(head, sizeof head,
+                     "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer " KEY
+                     "\r\nContent-Length: 999999999\r\n\r\n");
+    ck_assert_int_eq(raw_status(sec.port, head, (size_t)n), 413);
+    /* Chunked, 128 KiB in 8 KiB chunks. */
+    size_t cap = 200 * 1024, o = 0;
+    char *req = malloc(cap);
+    o += (size_t)sprintf(req, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
+                              "Bearer " KEY "\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for (int i = 0; i < 16; i++) {
+        o += (size_t)sprintf(req + o, "2000\r\n");
+        memset(req + o, ' ', 8192);
+        o += 8192;
+        o += (size_t)sprintf(req + o, "\r\n");
+    }
+    o += (size_t)sprintf(req + o, "0\r\n\r\n");
+    ck_assert_int_eq(raw_status(sec.port, req, o), 413);
+    free(req);
+    assert_healthy(sec.port);
+}
+END_TEST
+
+static void expect_refused(const char *path, const char *body, const char *param) {
+    http_resp r;
+    ck_assert_int_eq(http_do(sec.port, "POST", path, "Authorization: Bearer " KEY "\r\n", body, &r), 0);
+    ck_assert_msg(r.status == 400, "%s: status %d %s", body, r.status, r.body);
+    json_t *j = json_loads(r.body, 0, NULL);
+    const char *p = json_string_value(json_object_get(json_object_get(j, "error"), "param"));
+    ck_assert_msg(p && !strcmp(p, param), "%s: param %s", body, p ? p : "(null)");
+    json_decref(j);
+    http_resp_free(&r);
+}
+
+/* The caps: max_tokens (max_tokens_limit), n (max_n), the prompt (the
+ * context), prompts per request, messages, stop strings, logprobs. */
+START_TEST(test_request_caps) {
+    ck_assert(sec_ok);
+    expect_refused("/v1/completions", "{\"prompt\": \"x\", \"max_tokens\": 9}", "max_tokens");
+    expect_refused("/v1/chat/completions",
+                   "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"max_completion_tokens\": 9}",
+                   "max_completion_tokens");
+    expect_refused("/v1/completions", "{\"prompt\": \"x\", \"n\": 3}", "n");
+    expect_refused("/v1/completions", "{\"prompt\": \"x\", \"logprobs\": 6}", "logprobs");
+    expect_refused("/v1/completions", "{\"prompt\": \"x\", \"stop\": [\"a\", \"b\", \"c\", \"d\", \"e\"]}", "stop");
+    /* Over the 64-token context. */
+    char body[4096];
+    int o = sprintf(body, "{\"prompt\": \"");
+    for (int i = 0; i < 100; i++) o += sprintf(body + o, "word%d ", i);
+    sprintf(body + o, "\"}");
+    expect_refused("/v1/completions", body, "prompt");
+    /* 65 prompts (at most 64). */
+    o = sprintf(body, "{\"prompt\": [");
+    for (int i = 0; i < 65; i++) o += sprintf(body + o, "%s\"p\"", i ? ", " : "");
+    sprintf(body + o, "]}");
+    expect_refused("/v1/completions", body, "prompt");
+    /* 1025 messages (at most 1024). */
+    size_t cap = 64 * 1025 + 64;
+    char *big = malloc(cap);
+    o = sprintf(big, "{\"messages\": [");
+    for (int i = 0; i < 1025; i++) o += sprintf(big + o, "%s{\"role\": \"user\", \"content\": \"m\"}", i ? "," : "");
+    sprintf(big + o, "]}");
+    expect_refused("/v1/chat/completions", big, "messages");
+    free(big);
+    /* Within the caps: fine. */
+    http_resp r;
+    ck_assert_int_eq(http_do(sec.port, "POST", "/v1/completions", "Authorization: Bearer " KEY "\r\n",
+                             "{\"prompt\": \"You will be\", \"max_tokens\": 8, \"n\": 2}", &r),
+                     0);
+    ck_assert_int_eq(r.status, 200);
+    http_resp_free(&r);
+}
+END_TEST
+
+/* Nothing in a request names a file: "model" is echoed as the served
+ * model's id whatever it says, and paths are matched against a fixed table
+ * (traversal attempts are 404s that contain no file content). */
+START_TEST(test_no_filesystem_path) {
+    ck_assert(sec_ok);
+    http_resp r;
+    ck_assert_int_eq(http_do(sec.port, "POST", "/v1/completions", "Authorization: Bearer " KEY "\r\n",
+                             "{\"model\": \"../../../../etc/passwd\", \"prompt\": \"x\", \"max_tokens\": 1}", &r),
+                     0);
+    ck_assert_int_eq(r.status, 200);
+    json_t *j = json_loads(r.body, 0, NULL);
+    ck_assert_str_eq(json_string_value(json_object_get(j, "model")), "sa-tiny-sa-q8_0");
+    json_decref(j);
+    http_resp_free(&r);
+    static const char *const paths[] = {"/../../etc/passwd", "/v1/../../../etc/passwd", "/models/../../etc/passwd",
+                                        "/%2e%2e/%2e%2e/etc/passwd"};
+    for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+        ck_assert_int_eq(http_do(sec.port, "GET", paths[i], "Authorization: Bearer " KEY "\r\n", NULL, &r), 0);
+        ck_assert_msg(r.status == 404 || r.status == 400, "%s: %d", paths[i], r.status);
+        ck_assert_ptr_null(strstr(r.body, "root:"));
+        http_resp_free(&r);
+    }
+}
+END_TEST
+
+/* API keys: a wrong or missing key is a 401 (before the body is read); the
+ * keys, right or wrong, never reach the log, even at debug level. */
+START_TEST(test_keys_never_logged) {
+    ck_assert(sec_ok);
+    http_resp r;
+    const char *body = "{\"prompt\": \"x\", \"max_tokens\": 1}";
+    ck_assert_int_eq(http_do(sec.port, "POST", "/v1/completions", "Authorization: Bearer " WRONG_KEY "\r\n", body, &r),
+                     0);
+    ck_assert_int_eq(r.status, 401);
+    ck_assert_ptr_null(strstr(r.body, WRONG_KEY));
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(sec.port, "POST", "/v1/completions", "Authorization: Bearer " KEY "x\r\n", body, &r), 0);
+    ck_assert_int_eq(r.status, 401); /* a prefix of the given key matching is not enough */
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(sec.port, "POST", "/v1/completions", "Authorization: Bearer sk\r\n", body, &r), 0);
+    ck_assert_int_eq(r.status, 401);
+    http_resp_free(&r);
+    ck_assert_int_eq(http_do(sec.port, "POST", "/v1/completions", "Authorization: Bearer " KEY "\r\n", body, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    http_resp_free(&r);
+    char *log = srv_log(&sec);
+    ck_assert_ptr_nonnull(log);
+    ck_assert_msg(strstr(log, "queued:") != NULL, "not a debug log");
+    ck_assert_ptr_null(strstr(log, KEY));
+    ck_assert_ptr_null(strstr(log, WRONG_KEY));
+    free(log);
+    /* --print-config masks it too. */
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "%s serve --api-key %s --print-config", saserve_bin(), KEY);
+    FILE *p = popen(cmd, "r");
+    char out[16384];
+    size_t n = fread(out, 1, sizeof out - 1, p);
+    out[n] = 0;
+    pclose(p);
+    ck_assert_ptr_nonnull(strstr(out, "\"api_key\""));
+    ck_assert_ptr_null(strstr(out, KEY));
+}
+END_TEST
+
+/* Without --host the server listens on 127.0.0.1 only. */
+START_TEST(test_default_bind_loopback) {
+    ck_assert(sec_ok);
+    char *log = srv_log(&sec);
+    ck_assert_ptr_nonnull(log);
+    ck_assert_msg(strstr(log, "listening on http://127.0.0.1:") != NULL, "log:\n%s", log);
     free(log);
 }
 END_TEST
@@ -604,7 +874,18 @@ START_TEST(test_queue_full_and_drain) {
     /* SIGTERM while a request is in flight: new ones get 503, the running
      * one finishes, the process exits 0. */
     int fd = send_raw(p.port, "{\"prompt\": \"You will be\", \"max_tokens\": 400, \"ignore_eos\": true}");
-    usleep(300 * 1000);
+    /* Signal only once the request runs: a request still unread in the
+     * socket when SIGTERM lands is not in flight, and with nothing in flight
+     * the server exits at once (a fixed 300 ms was not always enough on a
+     * busy machine). */
+    bool running = false;
+    for (int i = 0; i < 200 && !running; i++) {
+        ck_assert_int_eq(http_do(p.port, "GET", "/metrics", NULL, NULL, &r), 0);
+        running = strstr(r.body, "saserve_num_requests_running 1\n") != NULL;
+        http_resp_free(&r);
+        if (!running) usleep(20 * 1000);
+    }
+    ck_assert(running);
     kill(p.pid, SIGTERM);
     usleep(300 * 1000);
     ck_assert_int_eq(http_do(p.port, "POST", "/v1/completions", NULL, longreq, &r), 0);
@@ -650,11 +931,23 @@ Suite *server_suite(void) {
     tcase_add_test(tc, test_api_equals_run);
     tcase_add_test(tc, test_tokenize_detokenize);
     tcase_add_test(tc, test_invalid_utf8);
+    tcase_add_test(tc, test_scrape_during_generation);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("access");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_access);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("security");
+    tcase_add_unchecked_fixture(tc, setup_security, teardown_security);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_header_limits);
+    tcase_add_test(tc, test_body_limits);
+    tcase_add_test(tc, test_request_caps);
+    tcase_add_test(tc, test_no_filesystem_path);
+    tcase_add_test(tc, test_keys_never_logged);
+    tcase_add_test(tc, test_default_bind_loopback);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("sdk");
