@@ -525,7 +525,8 @@ AVX2_INLINE void q6_K_avx2_block(const uint8_t *wrow, int b, const act *xa, int 
         __m256i B = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
         __m256i Q = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
         /* Scales 8h .. 8h+7 (int16) in both 128-bit lanes. */
-        __m256i sch = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00);
+        /* An immediate operand: clang insists on a constant. */
+        __m256i sch = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
         __m256i q[4] = {
             _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(Q, 4), m30)),
             _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(Q, 2), m30)),
