@@ -145,8 +145,9 @@ run: all
 test: deps test-deps node-deps $(BIN) $(TEST_BIN)
 	@SASERVE_BIN=$(BIN) $(TEST_BIN)
 
-bench: all
-	@tests/bench/run.sh $(BIN)
+# QUICK=1: a fast subset.  Tools: the model generator and the load generator.
+bench: all $(BUILD)/tools/gen_model $(BUILD)/tools/loadgen
+	@QUICK=$(QUICK) tests/bench/run.sh $(BIN)
 
 clean:
 	rm -rf build

@@ -54,6 +54,7 @@ typedef struct {
     int_list prompt, gen, depth, batch, threads;
     str_list shared;
     long reps;
+    double max_seconds; /* per figure: stop repeating after this long (0: never) */
     bool json, warmup;
     const char *prog;
 } bench_opts;
@@ -65,7 +66,7 @@ static void bench_usage(FILE *f) {
             "Prompt-processing and decode tokens/s, medians over --reps runs after a warm-up.\n"
             "Options marked LIST take comma-separated values; every combination is one row.\n"
             "\n"
-            "  -p, --prompt-tokens LIST   prompt length P (default 512)\n"
+            "  -p, --prompt-tokens LIST   prompt length P (default 512; 0: no prefill figure)\n"
             "  -n, --gen-tokens LIST      tokens generated per sequence G (default 128)\n"
             "  -d, --depth LIST           context tokens already cached before decoding D (default 0)\n"
             "  -B, --batch LIST           sequences decoding together in each step (default 1)\n"
@@ -74,6 +75,8 @@ static void bench_usage(FILE *f) {
             "                             a setting with commas (5-7,9-11) is one value: separate values\n"
             "                             with '/' or repeat the flag (none/5-7,9-11)\n"
             "  -r, --reps N               runs per figure (default 5)\n"
+            "  --max-seconds S            stop repeating a figure once its runs took S seconds (default:\n"
+            "                             never); the JSON says how many runs each median has\n"
             "  --max-batch-tokens N       tokens per engine step (default 512)\n"
             "  --no-warmup                skip the warm-up run\n"
             "  --json                     one JSON object per row\n"
@@ -398,17 +401,23 @@ static int bench_engine(bench_opts *o, int threads, const char *shared) {
     int32_t *ids = malloc((size_t)n_ids * sizeof *ids);
     double *t = malloc((size_t)o->reps * sizeof *t);
     double pp_cache[MAX_LIST];
+    int pp_reps[MAX_LIST];
     int rc = 1;
     if (!ids || !t) goto out;
     fill_ids(ids, n_ids, in->n_vocab, 1);
     if (o->warmup) {
-        if (time_prefill(e, ids, (int)o->prompt.v[0], prog) < 0) goto out;
+        if (o->prompt.v[0] > 0 && time_prefill(e, ids, (int)o->prompt.v[0], prog) < 0) goto out;
         if (time_decode(e, ids, 0, 4, (int)list_max(&o->batch), prog) < 0) goto out;
     }
     for (int i = 0; i < o->prompt.n; i++) {
-        for (int r = 0; r < o->reps; r++)
-            if ((t[r] = time_prefill(e, ids, (int)o->prompt.v[i], prog)) < 0) goto out;
-        pp_cache[i] = (double)o->prompt.v[i] / median(t, (int)o->reps);
+        int n = 0;
+        double t0 = cli_now();
+        while (o->prompt.v[i] > 0 && n < o->reps) {
+            if ((t[n++] = time_prefill(e, ids, (int)o->prompt.v[i], prog)) < 0) goto out;
+            if (o->max_seconds > 0 && cli_now() - t0 > o->max_seconds) break;
+        }
+        pp_reps[i] = n;
+        pp_cache[i] = n ? (double)o->prompt.v[i] / median(t, n) : NAN;
     }
     /* Decode does not depend on P: one measurement per (G, D, B), printed
      * with each P's prefill figure. */
@@ -416,9 +425,13 @@ static int bench_engine(bench_opts *o, int threads, const char *shared) {
         for (int d = 0; d < o->depth.n; d++)
             for (int b = 0; b < o->batch.n; b++) {
                 int G = (int)o->gen.v[g], D = (int)o->depth.v[d], B = (int)o->batch.v[b];
-                for (int r = 0; r < o->reps; r++)
-                    if ((t[r] = time_decode(e, ids, D, G, B, prog)) < 0) goto out;
-                double tg = (double)G * B / median(t, (int)o->reps);
+                int n = 0;
+                double t0 = cli_now();
+                while (n < o->reps) {
+                    if ((t[n++] = time_decode(e, ids, D, G, B, prog)) < 0) goto out;
+                    if (o->max_seconds > 0 && cli_now() - t0 > o->max_seconds) break;
+                }
+                double tg = (double)G * B / median(t, n);
                 size_t rss = peak_rss();
                 for (int i = 0; i < o->prompt.n; i++) {
                     int P = (int)o->prompt.v[i];
@@ -426,19 +439,26 @@ static int bench_engine(bench_opts *o, int threads, const char *shared) {
                     if (o->json) {
                         double bps = decode_bytes_per_step(in, B, D + G / 2.0);
                         double fpt = prefill_flops_per_token(in, (P + 1) / 2.0);
+                        char pps[64] = "null", ppg[64] = "null";
+                        if (pp == pp) {
+                            snprintf(pps, sizeof pps, "%.3f", pp);
+                            snprintf(ppg, sizeof ppg, "%.3f", fpt * pp / 1e9);
+                        }
                         printf("{\"model\":\"%s\",\"weight_type\":\"%s\",\"n_params\":%zu,\"model_bytes\":%zu,"
                                "\"kv_bytes_per_token\":%zu,\"threads\":%d,\"shared_layers\":\"%s\","
-                               "\"prompt_tokens\":%d,\"gen_tokens\":%d,\"depth\":%d,\"batch\":%d,\"reps\":%ld,"
-                               "\"prefill_tok_s\":%.3f,\"decode_tok_s\":%.3f,\"decode_bytes_per_step\":%.0f,"
-                               "\"decode_gb_s\":%.3f,\"prefill_flops_per_token\":%.0f,\"prefill_gflop_s\":%.3f,"
-                               "\"peak_rss_bytes\":%zu}\n",
+                               "\"prompt_tokens\":%d,\"gen_tokens\":%d,\"depth\":%d,\"batch\":%d,"
+                               "\"reps_prefill\":%d,\"reps_decode\":%d,\"prefill_tok_s\":%s,\"decode_tok_s\":%.3f,"
+                               "\"decode_bytes_per_step\":%.0f,\"decode_gb_s\":%.3f,\"prefill_flops_per_token\":%.0f,"
+                               "\"prefill_gflop_s\":%s,\"peak_rss_bytes\":%zu}\n",
                                base_name(p.model_path), in->weight_type, in->n_params, in->model_bytes,
-                               in->kv_bytes_per_token, in->n_threads, in->shared_layers, P, G, D, B, o->reps, pp, tg,
-                               bps, bps * tg / B / 1e9, fpt, fpt * pp / 1e9, rss);
+                               in->kv_bytes_per_token, in->n_threads, in->shared_layers, P, G, D, B, pp_reps[i], n,
+                               pps, tg, bps, bps * tg / B / 1e9, fpt, ppg, rss);
                     } else {
-                        printf("| %-24.24s | %-5s | %7d | %-12.12s | %5d | %5d | %5d | %5d | %12.1f | %12.1f | %9.1f |\n",
+                        char pps[32] = "-";
+                        if (pp == pp) snprintf(pps, sizeof pps, "%.1f", pp);
+                        printf("| %-24.24s | %-5s | %7d | %-12.12s | %5d | %5d | %5d | %5d | %12s | %12.1f | %9.1f |\n",
                                base_name(p.model_path), in->weight_type, in->n_threads, in->shared_layers, P, G, D, B,
-                               pp, tg, (double)rss / (1 << 20));
+                               pps, tg, (double)rss / (1 << 20));
                     }
                 }
                 fflush(stdout);
@@ -645,7 +665,7 @@ int cli_bench(int argc, char **argv) {
             bench_usage(stdout);
             return 0;
         } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt-tokens")) {
-            if (!(v = cli_value(argc, argv, &i, prog)) || !parse_int_list(v, 1, 1 << 20, &o.prompt, a, prog)) return 2;
+            if (!(v = cli_value(argc, argv, &i, prog)) || !parse_int_list(v, 0, 1 << 20, &o.prompt, a, prog)) return 2;
         } else if (!strcmp(a, "-n") || !strcmp(a, "--gen-tokens")) {
             if (!(v = cli_value(argc, argv, &i, prog)) || !parse_int_list(v, 1, 1 << 20, &o.gen, a, prog)) return 2;
         } else if (!strcmp(a, "-d") || !strcmp(a, "--depth")) {
@@ -668,6 +688,8 @@ int cli_bench(int argc, char **argv) {
             if (!(v = cli_value(argc, argv, &i, prog)) || !cli_int(v, 1, 1 << 20, &bw_mib, a, prog)) return 2;
         } else if (!strcmp(a, "--sgemm-n")) {
             if (!(v = cli_value(argc, argv, &i, prog)) || !cli_int(v, 16, 1 << 15, &sgemm_n, a, prog)) return 2;
+        } else if (!strcmp(a, "--max-seconds")) {
+            if (!(v = cli_value(argc, argv, &i, prog)) || !cli_double(v, 0, 1e6, &o.max_seconds, a, prog)) return 2;
         } else if (!strcmp(a, "--no-warmup")) {
             o.warmup = false;
         } else if (!strcmp(a, "--json")) {

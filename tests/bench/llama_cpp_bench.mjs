@@ -4,7 +4,7 @@
 // dependency).
 //
 //   node tests/bench/llama_cpp_bench.mjs --model M.gguf [--prompt-tokens 512] [--gen-tokens 128]
-//        [--depth 0,512] [--batch 1,16] [--threads 2] [--reps 5]
+//        [--depth 0,512] [--batch 1,16] [--threads 2] [--reps 5] [--max-seconds S]
 //
 // Prints one JSON object per (depth, batch) combination, measured as
 // `saserve bench` measures: the same pseudo-random prompt ids (xorshift64 in
@@ -12,10 +12,12 @@
 // then B sequences holding D context tokens each decoding G tokens greedily
 // (temperature 0, end-of-generation ignored) in shared llama_decode batches;
 // medians over --reps runs after one warm-up.  When llama.cpp cannot be
-// loaded it prints {"unavailable": "reason"} and exits 0.
+// loaded it prints {"unavailable": "reason"} and exits 0.  --prompt-tokens 0
+// skips the prefill figure; --max-seconds stops repeating a figure once its
+// runs took that long (the output says how many runs each median has).
 import { readFileSync } from "node:fs";
 
-const args = { model: null, prompt: 512, gen: 128, depth: [0], batch: [1], threads: 2, reps: 5, batchSize: 512 };
+const args = { model: null, prompt: 512, gen: 128, depth: [0], batch: [1], threads: 2, reps: 5, batchSize: 512, maxSeconds: 0 };
 for (let i = 2; i < process.argv.length; i++) {
     const a = process.argv[i], v = process.argv[i + 1];
     const list = () => v.split(",").map((x) => parseInt(x, 10));
@@ -28,6 +30,7 @@ for (let i = 2; i < process.argv.length; i++) {
         case "--threads": case "-t": args.threads = parseInt(v, 10); i++; break;
         case "--reps": case "-r": args.reps = parseInt(v, 10); i++; break;
         case "--max-batch-tokens": args.batchSize = parseInt(v, 10); i++; break;
+        case "--max-seconds": args.maxSeconds = parseFloat(v); i++; break;
         default:
             console.error(`llama_cpp_bench: unknown option ${a}`);
             process.exit(2);
@@ -86,7 +89,7 @@ const now = () => Number(process.hrtime.bigint()) / 1e9;
 
 const nVocab = model.fileInsights?.vocabularySize ?? model.tokens?.vocabularySize ?? 8192;
 const maxDepth = Math.max(...args.depth), maxBatch = Math.max(...args.batch);
-const ctxNeed = Math.max(args.prompt, maxDepth + args.gen) + 1;
+const ctxNeed = Math.max(args.prompt, maxDepth + args.gen + 1);
 const prompt = ids(Math.max(args.prompt, maxDepth + maxBatch) + 1, nVocab, 1);
 
 let context;
@@ -133,16 +136,24 @@ async function timeDecode(D, G, B) {
     return t;
 }
 
+// Up to --reps runs of f, fewer once they took --max-seconds.
+async function repeat(f) {
+    const t = [], t0 = now();
+    while (t.length < args.reps) {
+        t.push(await f());
+        if (args.maxSeconds > 0 && now() - t0 > args.maxSeconds) break;
+    }
+    return t;
+}
+
 try {
-    await timePrefill(args.prompt); // warm-up
+    if (args.prompt > 0) await timePrefill(args.prompt); // warm-up
     await timeDecode(0, 4, maxBatch);
-    const pp = [];
-    for (let r = 0; r < args.reps; r++) pp.push(await timePrefill(args.prompt));
-    const ppTokS = args.prompt / median(pp);
+    const pp = args.prompt > 0 ? await repeat(() => timePrefill(args.prompt)) : [];
+    const ppTokS = pp.length ? +(args.prompt / median(pp)).toFixed(3) : null;
     for (const D of args.depth)
         for (const B of args.batch) {
-            const tg = [];
-            for (let r = 0; r < args.reps; r++) tg.push(await timeDecode(D, args.gen, B));
+            const tg = await repeat(() => timeDecode(D, args.gen, B));
             console.log(JSON.stringify({
                 engine: "llama.cpp",
                 llama_cpp_release: llama.llamaCppRelease?.release ?? "?",
@@ -155,8 +166,9 @@ try {
                 gen_tokens: args.gen,
                 depth: D,
                 batch: B,
-                reps: args.reps,
-                prefill_tok_s: +ppTokS.toFixed(3),
+                reps_prefill: pp.length,
+                reps_decode: tg.length,
+                prefill_tok_s: ppTokS,
                 decode_tok_s: +((args.gen * B) / median(tg)).toFixed(3),
                 peak_rss_bytes: process.resourceUsage().maxRSS * 1024,
             }));
