@@ -114,7 +114,7 @@ static uint16_t to_f16(float f) {
     if (ax < 0x38800000) {                      /* below the smallest normal half */
         if (ax < 0x33000000) return sign;       /* rounds to 0 */
         uint32_t m = (ax & 0x7fffff) | 0x800000;
-        int shift = 126 - (int)(ax >> 23) + 14; /* 14..24 */
+        int shift = 126 - (int)(ax >> 23); /* 14..24: the value is q * 2^-24 */
         uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
         if (rem > half || (rem == half && (q & 1))) q++;
         return sign | (uint16_t)q;
