@@ -16,7 +16,7 @@
 # Raw results (JSON lines) go to build/bench/results.jsonl.
 #
 # Environment: QUICK=1, BENCH_THREADS (default: online CPUs), BENCH_REPS
-# (default 5), BENCH_MAX_SECONDS (per figure, default 60: a figure whose runs
+# (default 5), BENCH_MAX_SECONDS (per figure, default 30: a figure whose runs
 # take longer gets fewer runs, and the table says so), BENCH_1B_F16=1 (also
 # the 1B model in f16, 2 GB more disk), SASERVE_SHARED.
 set -u
@@ -27,7 +27,7 @@ QUICK=${QUICK:-0}
 [ "$QUICK" = 0 ] || QUICK=1
 THREADS=${BENCH_THREADS:-$(nproc 2>/dev/null || echo 1)}
 REPS=${BENCH_REPS:-5}
-MAXS=${BENCH_MAX_SECONDS:-60}
+MAXS=${BENCH_MAX_SECONDS:-30}
 SHARED_DIR=${SASERVE_SHARED:-../shared}
 OUT=build/bench
 RES=$OUT/results.jsonl
@@ -36,7 +36,7 @@ mkdir -p "$OUT"
 : >"$RES"
 T0=$(date +%s)
 
-log() { echo "bench: $*" >&2; }
+log() { echo "bench: [$(($(date +%s) - T0))s] $*" >&2; }
 # Appends JSON lines from stdin to the results, each tagged with kind/label.
 tag() { sed -n "s/^{/{\"kind\":\"$1\",\"label\":\"$2\",/p" >>"$RES"; }
 loadavg() { cut -d' ' -f1 /proc/loadavg; }
@@ -77,30 +77,31 @@ fi
 [ $LLAMA = 1 ] || echo "{\"kind\":\"llama\",\"label\":\"all\",\"unavailable\":\"$LLAMA_WHY\"}" >>"$RES"
 
 # saserve and llama.cpp on one file.
-#   run_model LABEL FILE SHARED_LIST DEPTHS GEN_B1 GEN_B16
+#   run_model LABEL FILE SHARED_LIST DEPTHS_B1 DEPTHS_B16 GEN_B1 GEN_B16
 run_model() {
-    local label=$1 file=$2 shared=$3 depths=$4 g1=$5 g16=$6
+    local label=$1 file=$2 shared=$3 depths=$4 d16=$5 g1=$6 g16=$7
     log "$label: saserve ($file)"
     "$BIN" bench -m "$file" -t "$THREADS" -r "$REPS" --max-seconds "$MAXS" --shared-layers "$shared" \
         -p 512 -n "$g1" -d "$depths" -B 1 --json 2>/dev/null | tag saserve "$label"
     "$BIN" bench -m "$file" -t "$THREADS" -r "$REPS" --max-seconds "$MAXS" --shared-layers "$shared" \
-        -p 0 -n "$g16" -d "$depths" -B 16 --json 2>/dev/null | tag saserve "$label"
+        -p 0 -n "$g16" -d "$d16" -B 16 --json 2>/dev/null | tag saserve "$label"
     if [ $LLAMA = 1 ]; then
         log "$label: llama.cpp"
         node tests/bench/llama_cpp_bench.mjs -m "$file" -t "$THREADS" -r "$REPS" --max-seconds "$MAXS" \
             -p 512 -n "$g1" -d "$depths" -B 1 2>/dev/null | tag llama "$label"
         node tests/bench/llama_cpp_bench.mjs -m "$file" -t "$THREADS" -r "$REPS" --max-seconds "$MAXS" \
-            -p 0 -n "$g16" -d "$depths" -B 16 2>/dev/null | tag llama "$label"
+            -p 0 -n "$g16" -d "$d16" -B 16 2>/dev/null | tag llama "$label"
     fi
 }
 
 # ---- 2./3. models --------------------------------------------------------------
 if [ $QUICK = 1 ]; then
-    run_model sa-tiny-sa models/sa-tiny-sa-q8_0.gguf model/none 0 128 32
+    run_model sa-tiny-sa models/sa-tiny-sa-q8_0.gguf model/none 0 0 128 32
 else
-    run_model sa-tiny-sa models/sa-tiny-sa-q8_0.gguf model/none 0,512,1000 128 32
+    # Batch 1 at three depths, batch 16 at the two ends.
+    run_model sa-tiny-sa models/sa-tiny-sa-q8_0.gguf model/none 0,512,1000 0,1000 128 32
     if [ -f "$SHARED_DIR/models/sa-tiny/model-f16.gguf" ]; then
-        run_model sa-tiny "$SHARED_DIR/models/sa-tiny/model-f16.gguf" "none/5-7,9-11" 0,512,1000 128 32
+        run_model sa-tiny "$SHARED_DIR/models/sa-tiny/model-f16.gguf" "none/5-7,9-11" 0,512,1000 0,1000 128 32
     else
         meta skipped "sa-tiny f16: $SHARED_DIR/models/sa-tiny/model-f16.gguf not found"
     fi
@@ -121,7 +122,7 @@ else
         fi
         # Decode of 1B is slow on a small machine: 32 tokens per sequence at
         # batch 1, 16 at batch 16.
-        run_model "1b-$ty" "$f" none 0 32 16
+        run_model "1b-$ty" "$f" none 0 0 32 16
     done
 fi
 
@@ -156,7 +157,7 @@ trap stop_server EXIT
 : >"$OUT/serve.log"
 
 if start_server; then
-    if [ $QUICK = 1 ]; then plan="1:2 16:1"; else plan="1:4 4:2 16:2 64:1"; fi
+    if [ $QUICK = 1 ]; then plan="1:2 16:1"; else plan="1:2 4:2 16:1 64:1"; fi
     for cr in $plan; do
         c=${cr%:*} r=${cr#*:}
         log "load test: $c clients x $r requests (128-token prompts, 128 tokens each)"
