@@ -34,7 +34,7 @@ const llUnavail = rows.find((r) => r.kind === "llama" && r.unavailable);
 const f1 = (x) => (x == null || Number.isNaN(x) ? "-" : x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
 const ratio = (a, b) => (a == null || b == null || !b ? "-" : (a / b).toFixed(2));
 const star = (n) => (n != null && n < reps ? `*${n}` : "");
-let short = false;
+let short = false, fewer = false;
 
 function table(head, body, align) {
     const w = head.map((h, i) => Math.max(h.length, ...body.map((r) => String(r[i]).length)));
@@ -54,9 +54,13 @@ for (const label of labels) {
         const group = mine.filter((r) => r.shared_layers === sh).sort((a, b) => a.batch - b.batch || a.depth - b.depth);
         let first = true;
         for (const r of group) {
-            const l = ll.find((x) => x.label === label && x.depth === r.depth && x.batch === r.batch && x.gen_tokens === r.gen_tokens);
+            // llama.cpp: the best of its runs with this shape (threads T and T-1).
+            const best = (xs, k) => xs.reduce((a, x) => (x[k] != null && (!a || x[k] > a[k]) ? x : a), null);
+            const l = best(ll.filter((x) => x.label === label && x.depth === r.depth && x.batch === r.batch && x.gen_tokens === r.gen_tokens), "decode_tok_s");
             const pre = group.find((x) => x.prefill_tok_s != null);
-            const lpre = ll.find((x) => x.label === label && x.prefill_tok_s != null);
+            const lpre = best(ll.filter((x) => x.label === label), "prefill_tok_s");
+            const thr = (x) => (x && x.threads !== r.threads ? ` (${x.threads}t)` : "");
+            if (thr(l) || thr(lpre)) fewer = true;
             const showPre = first && pre;
             if (star(r.reps_decode) || (showPre && star(pre.reps_prefill))) short = true;
             body.push([
@@ -74,8 +78,8 @@ for (const label of labels) {
                 ratio(r.decode_gb_s, ceil.bandwidth_gb_s),
                 ratio(r.decode_tok_s, l?.decode_tok_s),
                 (r.peak_rss_bytes / 2 ** 20).toFixed(0),
-                showPre ? f1(lpre?.prefill_tok_s) + star(lpre?.reps_prefill) : "",
-                l ? f1(l.decode_tok_s) + star(l.reps_decode) : "-",
+                showPre ? f1(lpre?.prefill_tok_s) + star(lpre?.reps_prefill) + thr(lpre) : "",
+                l ? f1(l.decode_tok_s) + star(l.reps_decode) + thr(l) : "-",
             ]);
             first = false;
         }
@@ -90,6 +94,9 @@ table(
     ["l", "l", "r", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r"],
 );
 if (short) console.log(`*N: median of N runs only (a figure stops repeating after ${m1("max_seconds")} s)`);
+if (fewer)
+    console.log(`(Nt): llama.cpp did better with N threads than with ${m1("threads")}: node-llama-cpp hands every token to node's ` +
+        "own thread, which waits for a time slice while llama.cpp's threads spin on every core; x llama uses llama.cpp's better figure");
 for (const s of meta.skipped ?? []) console.log(`skipped: ${s}`);
 
 // ---- ceilings, llama.cpp --------------------------------------------------

@@ -10,7 +10,8 @@
 #      $SASERVE_SHARED, default ../shared, when present) and a generated
 #      Llama-shaped 1B q8_0 (build/bench/, made on first use);
 #   3. llama.cpp on the same files (node-llama-cpp's prebuilt CPU build,
-#      pinned in tests/bench/package.json);
+#      pinned in tests/bench/package.json), decode also with one thread
+#      fewer;
 #   4. a load test of `saserve serve` (1/4/16/64 streaming clients);
 #   5. how many sequences a fixed KV pool holds with and without sharing.
 # Raw results (JSON lines) go to build/bench/results.jsonl.
@@ -91,6 +92,17 @@ run_model() {
             -p 512 -n "$g1" -d "$depths" -B 1 2>/dev/null | tag llama "$label"
         node tests/bench/llama_cpp_bench.mjs -m "$file" -t "$THREADS" -r "$REPS" --max-seconds "$MAXS" \
             -p 0 -n "$g16" -d "$d16" -B 16 2>/dev/null | tag llama "$label"
+        # Decode once more with a core left for node's own thread: when
+        # llama.cpp's threads spin on every core, node-llama-cpp's per-token
+        # hand-off waits for a time slice.  The table compares with the
+        # better of the two.
+        if [ "$THREADS" -gt 1 ]; then
+            log "$label: llama.cpp decode with $((THREADS - 1)) threads"
+            node tests/bench/llama_cpp_bench.mjs -m "$file" -t $((THREADS - 1)) -r "$REPS" --max-seconds "$MAXS" \
+                -p 0 -n "$g1" -d "$depths" -B 1 2>/dev/null | tag llama "$label"
+            node tests/bench/llama_cpp_bench.mjs -m "$file" -t $((THREADS - 1)) -r "$REPS" --max-seconds "$MAXS" \
+                -p 0 -n "$g16" -d "$d16" -B 16 2>/dev/null | tag llama "$label"
+        fi
     fi
 }
 
