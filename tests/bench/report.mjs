@@ -123,7 +123,7 @@ if (load.length) {
     console.log("saserve serve (bundled model, default settings), streaming /v1/completions, 128-token prompts, 128 tokens each:");
     table(
         ["clients", "requests", "gen tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "errors"],
-        load.map((r) => [r.clients, r.requests, f1(r.tok_s), f1(r.ttft_p50_ms), f1(r.ttft_p99_ms), f1(r.itl_p50_ms), f1(r.itl_p99_ms), r.errors + (r.errors ? ` (${r.last_error})` : "")]),
+        load.map((r) => [r.clients, r.requests, f1(r.tok_s), f1(r.ttft_p50_ms), f1(r.ttft_p99_ms), f1(r.itl_p50_ms), f1(r.itl_p99_ms), r.errors + (r.timeouts ? `, ${r.timeouts} sent nothing for the loadgen timeout` : "") + (r.errors ? ` (${r.last_error})` : "")]),
         ["r", "r", "r", "r", "r", "r", "r", "l"],
     );
     const c1 = load.find((r) => r.clients === 1), c16 = load.find((r) => r.clients === 16);
@@ -143,7 +143,8 @@ if (mc.length) {
             `(KV bytes per token without / with: x${ratio(none.kv_bytes_per_token, sh.kv_bytes_per_token)})`);
     for (const r of rows.filter((x) => x.kind === "maxconc" && x.label === "server"))
         console.log(`server, --kv-cache-bytes 8M, shared ${r.shared_layers}, 32 clients: at most ${r.max_running} requests running, ` +
-            `KV usage up to ${(100 * r.max_kv_usage).toFixed(0)}%, ${r.ok} ok, ${r.errors} failed` + (r.errors ? ` (${r.last_error})` : ""));
+            `KV usage up to ${(100 * r.max_kv_usage).toFixed(0)}%, ${r.ok} ok, ${r.errors} failed` +
+            (r.timeouts ? `, ${r.timeouts} of them streams that stopped without ending` : "") + (r.errors ? ` (last: ${r.last_error})` : ""));
 }
 
 console.log();

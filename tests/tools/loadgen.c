@@ -4,7 +4,7 @@
  * other to a server on loopback, timed client-side from SSE chunk arrival.
  *
  *   loadgen --port 8080 --clients 16 --requests 2 [--prompt-tokens 128] [--max-tokens 128]
- *           [--vocab 8192] [--host 127.0.0.1] [--poll-metrics]
+ *           [--vocab 8192] [--host 127.0.0.1] [--poll-metrics] [--timeout 120]
  *
  * Each request: a prompt of pseudo-random token ids in [3, vocab) (different
  * per request, so the prefix cache does not help), max_tokens, temperature 0,
@@ -14,7 +14,9 @@
  * (request written -> first chunk with text) and inter-token latency (gaps
  * between chunks with text), errors.  --poll-metrics scrapes /metrics every
  * 20 ms meanwhile and adds the largest saserve_num_requests_running and
- * saserve_kv_cache_usage_ratio seen.
+ * saserve_kv_cache_usage_ratio seen.  A response that sends nothing for
+ * --timeout seconds (120) is closed and counted as failed, so a run always
+ * ends.
  *
  * Loopback only: the host must be 127.0.0.1 or localhost.
  */
@@ -31,15 +33,16 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
 typedef struct {
-    int port, clients, requests, prompt_tokens, max_tokens, vocab;
+    int port, clients, requests, prompt_tokens, max_tokens, vocab, timeout;
     bool poll;
 } opts;
 
-static opts O = {8080, 1, 1, 128, 128, 8192, false};
+static opts O = {8080, 1, 1, 128, 128, 8192, 120, false};
 
 static double now(void) {
     struct timespec ts;
@@ -88,6 +91,9 @@ static int connect_loopback(void) {
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* A response that stops sending counts as failed after --timeout. */
+    struct timeval tv = {.tv_sec = O.timeout};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
         close(fd);
         return -1;
@@ -112,6 +118,7 @@ typedef struct {
     long completion_tokens;
     bool done;          /* saw data: [DONE] */
     bool got_text;
+    bool timed_out;     /* no bytes for --timeout seconds */
     char error[200];    /* an error sent inside the stream */
     double t_sent, t_prev;
     samples *ttft, *itl;
@@ -179,6 +186,7 @@ static bool http_request(const char *req, size_t req_len, stream_state *st, char
     for (;;) {
         ssize_t k = read(fd, buf, sizeof buf);
         if (k < 0 && errno == EINTR) continue;
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) st->timed_out = true;
         if (k <= 0) break;
         double t = now();
         size_t i = 0;
@@ -242,7 +250,7 @@ typedef struct {
     int id;
     samples ttft, itl;
     long tokens;
-    int errors, ok;
+    int errors, ok, timeouts;
     char last_error[256];
 } client;
 
@@ -281,8 +289,11 @@ static void *client_main(void *arg) {
             c->tokens += st->completion_tokens;
         } else {
             c->errors++;
+            c->timeouts += st->timed_out;
+            char why[64];
+            snprintf(why, sizeof why, "no data for %d s, no [DONE]", O.timeout);
             snprintf(c->last_error, sizeof c->last_error, "status %d: %.200s", st->status,
-                     st->error[0] ? st->error : ok ? "no [DONE]" : err_body);
+                     st->error[0] ? st->error : st->timed_out ? why : ok ? "no [DONE]" : err_body);
         }
     }
     free(body);
@@ -350,6 +361,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--prompt-tokens")) O.prompt_tokens = int_arg(a, v, 1, 1 << 16);
         else if (!strcmp(a, "--max-tokens")) O.max_tokens = int_arg(a, v, 1, 1 << 16);
         else if (!strcmp(a, "--vocab")) O.vocab = int_arg(a, v, 4, 1 << 22);
+        else if (!strcmp(a, "--timeout")) O.timeout = int_arg(a, v, 1, 86400);
         else if (!strcmp(a, "--host")) {
             if (strcmp(v, "127.0.0.1") && strcmp(v, "localhost")) {
                 fprintf(stderr, "loadgen: loopback only (127.0.0.1)\n");
@@ -380,7 +392,7 @@ int main(int argc, char **argv) {
     pthread_barrier_wait(&start_bar);
     samples ttft = {0}, itl = {0};
     long tokens = 0;
-    int errors = 0, ok = 0;
+    int errors = 0, ok = 0, timeouts = 0;
     const char *last_error = "";
     for (int i = 0; i < O.clients; i++) {
         pthread_join(th[i], NULL);
@@ -389,6 +401,7 @@ int main(int argc, char **argv) {
         tokens += cs[i].tokens;
         errors += cs[i].errors;
         ok += cs[i].ok;
+        timeouts += cs[i].timeouts;
         if (cs[i].errors) last_error = cs[i].last_error;
     }
     double wall = now() - t0;
@@ -398,10 +411,11 @@ int main(int argc, char **argv) {
     }
     qsort(ttft.v, ttft.n, sizeof(double), cmp_d);
     qsort(itl.v, itl.n, sizeof(double), cmp_d);
-    printf("{\"clients\":%d,\"requests\":%d,\"ok\":%d,\"errors\":%d,\"prompt_tokens\":%d,\"max_tokens\":%d,"
+    printf("{\"clients\":%d,\"requests\":%d,\"ok\":%d,\"errors\":%d,\"timeouts\":%d,\"prompt_tokens\":%d,"
+           "\"max_tokens\":%d,"
            "\"gen_tokens\":%ld,\"wall_s\":%.3f,\"tok_s\":%.3f,\"ttft_p50_ms\":%.2f,\"ttft_p99_ms\":%.2f,"
            "\"itl_p50_ms\":%.2f,\"itl_p99_ms\":%.2f",
-           O.clients, O.clients * O.requests, ok, errors, O.prompt_tokens, O.max_tokens, tokens, wall,
+           O.clients, O.clients * O.requests, ok, errors, timeouts, O.prompt_tokens, O.max_tokens, tokens, wall,
            (double)tokens / wall, 1e3 * pct(&ttft, 50), 1e3 * pct(&ttft, 99), 1e3 * pct(&itl, 50),
            1e3 * pct(&itl, 99));
     if (O.poll) printf(",\"max_running\":%.0f,\"max_kv_usage\":%.4f", max_running, max_kv_usage);
