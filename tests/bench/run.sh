@@ -14,7 +14,8 @@
 #      fewer;
 #   4. a load test of `saserve serve` (1/4/16/64 streaming clients);
 #   5. how many sequences a fixed KV pool holds with and without sharing.
-# Raw results (JSON lines) go to build/bench/results.jsonl.
+# Raw results (JSON lines) go to build/bench/results.jsonl, the table also to
+# build/bench/report.txt.
 #
 # Environment: QUICK=1, BENCH_THREADS (default: online CPUs), BENCH_REPS
 # (default 5), BENCH_MAX_SECONDS (per figure, default 30: a figure whose runs
@@ -199,7 +200,7 @@ done
 meta load_end "$(loadavg)"
 meta seconds "$(($(date +%s) - T0))"
 if command -v node >/dev/null; then
-    node tests/bench/report.mjs "$RES"
+    node tests/bench/report.mjs "$RES" | tee "$OUT/report.txt"
 else
     echo "node is not installed: raw results in $RES"
     cat "$RES"
