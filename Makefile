@@ -186,8 +186,9 @@ tsan:
 	  CK_RUN_SUITE=$$s $(MAKE) --no-print-directory SANITIZE=thread test || exit 1; \
 	done
 
-bench: all
-	@tests/bench/run.sh $(BIN)
+# QUICK=1: a fast subset.  Tools: the model generator and the load generator.
+bench: all $(BUILD)/tools/gen_model $(BUILD)/tools/loadgen
+	@QUICK=$(QUICK) tests/bench/run.sh $(BIN)
 
 # The Dockerfile's build, test, runtime and serve steps without a Docker
 # engine: docker/build.sh in clean debootstrapped roots (see docker/check.sh).
