@@ -163,12 +163,12 @@ SAN_REPORTS  = $(abspath $(BUILD))/sanitizer-reports
 SAN_ENV      = TSAN_OPTIONS="log_path=$(SAN_REPORTS)/tsan suppressions=$(abspath tests/tsan.supp) $(TSAN_OPTIONS)" \
                ASAN_OPTIONS="log_path=$(SAN_REPORTS)/asan $(ASAN_OPTIONS)" \
                UBSAN_OPTIONS="log_path=$(SAN_REPORTS)/ubsan print_stacktrace=1 $(UBSAN_OPTIONS)"
-test: deps test-deps node-deps $(BIN) $(TEST_BIN)
+test: deps test-deps node-deps $(BIN) $(TEST_BIN) $(BUILD)/tools/gen_model
 ifeq ($(SANITIZE),)
-	@SASERVE_BIN=$(BIN) $(TEST_BIN)
+	@SASERVE_BIN=$(BIN) SASERVE_GEN_MODEL=$(BUILD)/tools/gen_model $(TEST_BIN)
 else
 	@rm -rf $(SAN_REPORTS) && mkdir -p $(SAN_REPORTS)
-	@SASERVE_BIN=$(BIN) $(SAN_ENV) $(TEST_BIN); rc=$$?; \
+	@SASERVE_BIN=$(BIN) SASERVE_GEN_MODEL=$(BUILD)/tools/gen_model $(SAN_ENV) $(TEST_BIN); rc=$$?; \
 	if [ -n "$$(ls -A $(SAN_REPORTS))" ]; then \
 	  echo "sanitizer reports ($(SANITIZE)):"; cat $(SAN_REPORTS)/*; exit 1; \
 	fi; exit $$rc
@@ -189,6 +189,22 @@ tsan:
 # QUICK=1: a fast subset.  Tools: the model generator and the load generator.
 bench: all $(BUILD)/tools/gen_model $(BUILD)/tools/loadgen
 	@QUICK=$(QUICK) tests/bench/run.sh $(BIN)
+
+# The fixture of the K-quant agreement test (tests/unit/test_kquants.c):
+# sa-tiny's f16 weights (from ../shared) quantised Q4_K_M-style by
+# gen_model, and llama.cpp's top-1 predictions on 512 tokens of its
+# validation text through node-llama-cpp (tests/bench).  Needs node and
+# network access for npm ci; the test itself needs neither.
+SHARED_DIR ?= ../shared
+.PHONY: llama-cpp-refs
+llama-cpp-refs: $(BUILD)/tools/gen_model
+	$(BUILD)/tools/gen_model --preset sa-tiny-shape --type q4_k_m --name sa-tiny-q4_k_m \
+	  --weights $(SHARED_DIR)/models/sa-tiny/model-f16.gguf --tokenizer $(SHARED_DIR)/models/sa-tiny/model-f16.gguf \
+	  -o $(BUILD)/sa-tiny-q4_k_m.gguf
+	@[ -d tests/bench/node_modules/node-llama-cpp ] || (cd tests/bench && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true \
+	  npm ci --omit=optional --no-audit --no-fund --loglevel=error)
+	node tests/bench/llama_cpp_top1.mjs --model $(BUILD)/sa-tiny-q4_k_m.gguf \
+	  --text $(SHARED_DIR)/models/sa-tiny/data/validation.txt --tokens 512 > tests/fixtures/sa-tiny-q4_k_m-llamacpp.json
 
 # The Dockerfile's build, test, runtime and serve steps without a Docker
 # engine: docker/build.sh in clean debootstrapped roots (see docker/check.sh).

@@ -544,12 +544,17 @@ int sched_iterate(scheduler *s) {
         preempt(s, newest);
         (void)count;
     }
+    /* Blocks the items taken so far will claim: the batch as a whole must
+     * fit the free blocks, not each item on its own. */
+    int reserved = 0;
     for (request *r = s->running; r && budget > 0; r = r->sched_next)
         for (int i = 0; i < r->n_choices && budget > 0; i++) {
             req_choice *c = &r->choices[i];
             if (c->done || c->seq < 0 || c->n_tokens - c->n_cached != 1 || c->n_cached < r->prompt_len[c->prompt])
                 continue;
-            if (s->eng.blocks_needed(s->eng.ctx, c->seq, 1) > s->eng.free_blocks(s->eng.ctx)) continue;
+            int nb = s->eng.blocks_needed(s->eng.ctx, c->seq, 1);
+            if (reserved + nb > s->eng.free_blocks(s->eng.ctx)) continue;
+            reserved += nb;
             s->items[n_items] = (engine_batch_item){.seq = c->seq, .tokens = c->tokens + c->n_cached, .n_tokens = 1};
             s->item_req[n_items] = r;
             s->item_choice[n_items] = i;
@@ -572,9 +577,10 @@ int sched_iterate(scheduler *s) {
             if (in_prompt && c->n_cached + chunk > plen) chunk = plen - c->n_cached;
             if (!in_prompt && chunk == todo) chunk = todo - 1; /* the last token is fed as a decode token */
             if (chunk <= 0) continue;
-            int free_b = s->eng.free_blocks(s->eng.ctx);
+            int free_b = s->eng.free_blocks(s->eng.ctx) - reserved;
             while (chunk > 0 && s->eng.blocks_needed(s->eng.ctx, c->seq, chunk) > free_b) chunk /= 2;
             if (chunk <= 0) continue;
+            reserved += s->eng.blocks_needed(s->eng.ctx, c->seq, chunk);
             s->items[n_items] = (engine_batch_item){.seq = c->seq, .tokens = c->tokens + c->n_cached,
                                                     .n_tokens = chunk, .prompt = in_prompt,
                                                     .all_logits = in_prompt && r->prompt_logprobs && c->n_gen == 0};
@@ -606,6 +612,19 @@ int sched_iterate(scheduler *s) {
     now = now_seconds();
     int tokens = 0;
     for (int k = 0; k < n_items; k++) tokens += s->items[k].n_tokens;
+    if (rc == ENGINE_ENOKV && s->running && s->running->sched_next) {
+        /* The engine changed nothing.  The batch is sized from the block
+         * counts, so this should not happen; if it does, make room as for a
+         * decode token rather than failing every request in the batch. */
+        request *newest = s->running;
+        while (newest->sched_next) newest = newest->sched_next;
+        LOG_WARN(NULL, "engine step: KV cache full after all; preempting the newest request");
+        preempt(s, newest);
+        set_kv_used(s);
+        for (int i = 0; i < s->n_touched; i++)
+            if (s->notify) s->notify(s->touched[i], s->notify_ud);
+        return 0;
+    }
     if (rc != 0) {
         LOG_ERROR(NULL, "engine step failed: %s", engine_strerror(rc));
         /* Each request once, even with several items in the batch. */

@@ -12,6 +12,8 @@
  *   model       the bundled model with its matrices requantised to Q4_0,
  *               Q4_K, Q5_K, Q6_K: engine_open accepts it and its logits
  *               follow the Q8_0 model's
+ *   llama_cpp   a Q4_K_M file of sa-tiny against llama.cpp's predictions
+ *               on the same file (see test_llama_cpp_q4_k_m)
  *
  * The packing and the expected values are written from the format
  * definition (the block layouts in ops_kquants.c's header comment, which
@@ -23,7 +25,10 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
+#include <jansson.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "engine.h"
@@ -755,6 +760,113 @@ START_TEST(test_model_kquants) {
 }
 END_TEST
 
+/* ---- Agreement with llama.cpp on a Q4_K_M file ------------------------- */
+
+static int argmax_row(const float *v, int n) {
+    int b = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[b]) b = i;
+    return b;
+}
+
+/* sa-tiny's f16 weights quantised as llama.cpp's Q4_K_M mixes types (by
+ * tests/tools/gen_model: Q4_K and Q6_K where rows are whole 256-blocks, the
+ * 384-wide ones falling back to Q4_0 and Q8_0), and llama.cpp's top-1 next
+ * token at each of 512 positions of sa-tiny's validation text on that very
+ * file (tests/fixtures/sa-tiny-q4_k_m-llamacpp.json, `make llama-cpp-refs`;
+ * the file's FNV-1a hash is checked, so a changed generator is caught).
+ *
+ * Both engines quantise activations to int8 for these types; two
+ * computations that differ only in summation order then round some
+ * activations differently, and on a 12-layer model of this size that moves
+ * predictions that are near ties.  llama.cpp itself, fed the same tokens one
+ * at a time instead of 512 at once, agrees with its own top-1 at 504 of the
+ * 512 positions (98.4%; the fixture's top1_single).  The bound is therefore
+ * llama.cpp's agreement with itself, less two positions for machines whose
+ * kernels sum in another order, and never under 97%; the prompt path
+ * (dequantised weights and OpenBLAS, float activations) and the decode path
+ * (the int8 K-quant kernels) are each held to it. */
+static void check_top1(const char *path, json_t *ref, bool blas, int bound) {
+    json_t *ids = json_object_get(ref, "tokens"), *top1 = json_object_get(ref, "top1");
+    int n = (int)json_array_size(ids);
+    engine_params p = engine_default_params();
+    p.model_path = path;
+    p.max_seqs = 1;
+    p.n_ctx = 1024;
+    p.max_batch_tokens = 512;
+    p.blas_prompt = blas;
+    char err[512];
+    engine *e = NULL;
+    ck_assert_msg(engine_open(&p, &e, err, sizeof err) == 0, "%s", err);
+    int nv = engine_get_info(e)->n_vocab;
+    int32_t *toks = malloc(sizeof(int32_t) * (size_t)n);
+    for (int i = 0; i < n; i++) toks[i] = (int32_t)json_integer_value(json_array_get(ids, (size_t)i));
+    int agree = 0;
+    engine_batch_item it = {.seq = engine_seq_create(e), .n_tokens = blas ? n : 1, .all_logits = true, .prompt = blas};
+    for (int pos = 0; pos < n; pos += it.n_tokens) {
+        it.tokens = toks + pos;
+        ck_assert_int_eq(engine_step(e, &it, 1), 0);
+        for (int k = 0; k < it.n_tokens; k++)
+            agree += argmax_row(it.logits + (size_t)k * (size_t)nv, nv) ==
+                     (int)json_integer_value(json_array_get(top1, (size_t)(pos + k)));
+    }
+    fprintf(stderr, "kquants: sa-tiny Q4_K_M vs llama.cpp (%s): top-1 agrees at %d of %d positions (%.1f%%; bound %d)\n",
+            blas ? "prompt path" : "decode path", agree, n, 100.0 * agree / n, bound);
+    ck_assert_msg(agree >= bound, "top-1 agreement %d/%d is under %d", agree, n, bound);
+    free(toks);
+    engine_close(e);
+}
+
+START_TEST(test_llama_cpp_q4_k_m) {
+    char f16[1024];
+    const char *gen = getenv("SASERVE_GEN_MODEL");
+    if (!shared_path(f16, sizeof f16, "models/sa-tiny/model-f16.gguf", "kquants llama.cpp agreement")) return;
+    if (!gen || access(gen, X_OK) != 0) {
+        skip_msg("kquants llama.cpp agreement", "SASERVE_GEN_MODEL (build/tools/gen_model) not set; run make test");
+        return;
+    }
+    json_t *ref = json_load_file("tests/fixtures/sa-tiny-q4_k_m-llamacpp.json", 0, NULL);
+    ck_assert_ptr_nonnull(ref);
+    char path[] = "/tmp/saserve-q4km-XXXXXX";
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    close(fd);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_WRONLY);
+        if (devnull >= 0) dup2(devnull, 1);
+        execl(gen, gen, "--preset", "sa-tiny-shape", "--type", "q4_k_m", "--name", "sa-tiny-q4_k_m", "--weights", f16,
+              "--tokenizer", f16, "-o", path, (char *)NULL);
+        _exit(127);
+    }
+    int st;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "gen_model failed");
+    size_t len;
+    unsigned char *data = (unsigned char *)read_file(path, &len);
+    ck_assert_ptr_nonnull(data);
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < len; i++) h = (h ^ data[i]) * 0x100000001b3ull;
+    free(data);
+    char hex[17];
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)h);
+    ck_assert_msg(!strcmp(hex, json_string_value(json_object_get(ref, "model_fnv1a64"))),
+                  "the generated Q4_K_M file (%s) is not the one llama.cpp ran on; run make llama-cpp-refs", hex);
+    json_t *top1 = json_object_get(ref, "top1"), *single = json_object_get(ref, "top1_single");
+    int n = (int)json_array_size(top1), self = 0;
+    ck_assert_int_eq(n, 512);
+    for (int i = 0; i < n; i++)
+        self += json_integer_value(json_array_get(top1, (size_t)i)) == json_integer_value(json_array_get(single, (size_t)i));
+    int bound = self - 2 > n * 97 / 100 ? self - 2 : n * 97 / 100;
+    fprintf(stderr, "kquants: llama.cpp agrees with itself (512 at once vs one at a time) at %d of %d positions\n", self, n);
+    check_top1(path, ref, true, bound);
+    check_top1(path, ref, false, bound);
+    unlink(path);
+    json_decref(ref);
+}
+END_TEST
+
 Suite *kquants_suite(void) {
     Suite *s = suite_create("kquants");
     TCase *tc = tcase_create("definition");
@@ -772,6 +884,10 @@ Suite *kquants_suite(void) {
     tc = tcase_create("model");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_model_kquants);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("llama_cpp");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_llama_cpp_q4_k_m);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -311,6 +311,24 @@ START_TEST(test_preemption_recompute) {
 }
 END_TEST
 
+/* A small pool under mixed load: every batch must fit the free blocks as a
+ * whole (decode tokens and prompt chunks together; f_step asserts it), and
+ * every request still gets exactly its own tokens. */
+START_TEST(test_batch_fits_pool) {
+    sched_engine e = fake_engine(12, 64);
+    sched_config cfg = {.max_running = 6, .max_queue = 8, .max_batch_tokens = 64};
+    scheduler *s = sched_create(&e, &cfg, NULL, NULL, NULL);
+    static const int plen[6] = {3, 5, 7, 9, 6, 10};
+    request *r[6];
+    for (int i = 0; i < 6; i++) sched_submit(s, r[i] = make_req(plen[i], 7 * i + 1, 14, 1));
+    run_until_idle(s, 2000);
+    for (int i = 0; i < 6; i++) check_output(r[i], 0, 14);
+    ck_assert_int_eq(F.used, 0);
+    sched_destroy(s);
+    for (int i = 0; i < 6; i++) request_unref(r[i]);
+}
+END_TEST
+
 START_TEST(test_cancel_frees) {
     sched_engine e = fake_engine(100, 64);
     sched_config cfg = {.max_running = 4, .max_queue = 8, .max_batch_tokens = 64};
@@ -545,6 +563,7 @@ Suite *scheduler_suite(void) {
     suite_add_tcase(s, tc);
     tc = tcase_create("memory");
     tcase_add_test(tc, test_preemption_recompute);
+    tcase_add_test(tc, test_batch_fits_pool);
     tcase_add_test(tc, test_cancel_frees);
     tcase_add_test(tc, test_prefix_reuse);
     tcase_add_test(tc, test_timeout);
