@@ -93,6 +93,14 @@ static void gemm_q8_scalar_rows(const uint8_t *w, size_t rb, int rows, const qro
     }
 }
 
+/* Decode (one token) streams each weight row once from DRAM, several rows
+ * side by side; the hardware prefetcher alone left each core at about half
+ * of its sequential read rate on that pattern.  Prefetching 512 bytes
+ * (about 15 blocks) ahead in every row measured best on a 1B Q8_0 model:
+ * 11.7 -> 15.6 tok/s on two cores (256: 14.3, 1024: 13.9, 2048: 11.6); a
+ * model that fits the cache is unaffected. */
+#define Q8_PREFETCH 512
+
 /* ==== AVX2 ============================================================= */
 
 #define AVX2_ATTR __attribute__((target("avx2,fma,f16c")))
@@ -126,6 +134,7 @@ AVX2_ATTR static inline __m256i block_dot_avx2(__m256i w, __m256i absx, __m256i 
             }                                                                                              \
             _Pragma("GCC unroll 8") for (int i = 0; i < RB; i++) {                                         \
                 const block_q8_0 *wb = (const block_q8_0 *)(w + (size_t)i * rb) + b;                       \
+                if (TB == 1) _mm_prefetch((const char *)wb + Q8_PREFETCH, _MM_HINT_T0);                    \
                 __m256i wv = _mm256_loadu_si256((const __m256i *)wb->qs);                                  \
                 float dw = _cvtsh_ss(wb->d);                                                               \
                 _Pragma("GCC unroll 8") for (int t = 0; t < TB; t++) {                                     \
@@ -180,6 +189,7 @@ AVX2_ATTR static void gemm_q8_avx2_rows(const uint8_t *w, size_t rb, int rows, c
             }                                                                                              \
             _Pragma("GCC unroll 8") for (int i = 0; i < RB; i++) {                                         \
                 const block_q8_0 *wb = (const block_q8_0 *)(w + (size_t)i * rb) + b;                       \
+                if (TB == 1) _mm_prefetch((const char *)wb + Q8_PREFETCH, _MM_HINT_T0);                    \
                 __m512i wv = _mm512_inserti64x4(                                                           \
                     _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)wb[0].qs)),                 \
                     _mm256_loadu_si256((const __m256i *)wb[1].qs), 1);                                     \
