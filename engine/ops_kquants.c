@@ -70,6 +70,14 @@ _Static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 _Static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
 _Static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
 
+
+
+/* Prefetch distance of the one-token kernels (ops_kquants_512.inc): three
+ * lines this far ahead of each block.  On a 1B Q4_K_M model, decode on two
+ * cores went 14.7 -> 23.4 tok/s (256: 17.4, 512: 19.6, 1024: 22.4, 1536 and
+ * up: 23.4); the row is read once, from DRAM, and the hardware prefetcher
+ * alone does not keep enough lines in flight while the kernel unpacks. */
+#define KQ_PREFETCH 2048
 #define MAX_TOK 8 /* tokens quantised per chunk (stack buffers) */
 
 bool ops_kq_type(uint32_t type) {
