@@ -556,32 +556,35 @@ static void dq_worker(void *arg, int ith, int nth) {
 /* y[T][rows] = x[T][cols] W^T through OpenBLAS; other weight types are
  * dequantised a tile of rows at a time.
  *
- * OpenBLAS's result for a row depends on the call's row count M: 0.3.21
- * switches to other kernels for small matrices (on SkylakeX results differ
- * for M < 4 at 384 x 384, M < 10 at 384 -> 128).  Then a prompt's logits
- * would depend on how it was chunked and on what else was in the batch.  So
- * every call takes exactly BLAS_M rows: the rows go in groups of BLAS_M and
- * the last group is padded with the spare rows every buffer has (whatever
- * they hold is computed and ignored).  With M fixed, a row's result depends
- * only on that row: each output element is one fixed FMA chain over k. */
+ * OpenBLAS's result for a row depends on the call's row count M when M is
+ * small: 0.3.21 switches to other kernels for small matrices (on SkylakeX
+ * results differ for M < 4 at 384 x 384, M < 10 at 384 -> 128).  Then a
+ * prompt's logits would depend on how it was chunked and on what else was
+ * in the batch.  So every call takes a multiple of BLAS_M rows: T is padded
+ * up to one with the spare rows every buffer has (whatever they hold is
+ * computed and ignored).  From BLAS_M rows on, the normal kernels run (the
+ * small-matrix path is for M*N*K up to 100^3; tiles are split evenly, so no
+ * tile is thin), and each output element is one fixed FMA chain over k
+ * whatever M is: a row's result depends only on that row.  One call for all
+ * the rows, rather than one per BLAS_M of them, packs each weight tile once
+ * instead of once per group. */
 static void matmul_blas(engine *e, const wmat *w, const float *x, int T, float *y) {
-    int groups = (T + BLAS_M - 1) / BLAS_M;
+    int M = (T + BLAS_M - 1) / BLAS_M * BLAS_M;
     if (w->type == GGML_F32) {
-        for (int g = 0; g < groups; g++)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, BLAS_M, w->rows, w->cols, 1.0f,
-                        x + (size_t)g * BLAS_M * (size_t)w->cols, w->cols, (const float *)w->data, w->cols, 0.0f,
-                        y + (size_t)g * BLAS_M * (size_t)w->rows, w->rows);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, w->rows, w->cols, 1.0f, x, w->cols,
+                    (const float *)w->data, w->cols, 0.0f, y, w->rows);
         return;
     }
-    int tile_rows = (int)(e->tile_floats / (size_t)w->cols);
+    int max_rows = (int)(e->tile_floats / (size_t)w->cols);
+    int n_tiles = (w->rows + max_rows - 1) / max_rows;
+    int tile_rows = ((w->rows + n_tiles - 1) / n_tiles + 15) & ~15;
+    if (tile_rows > max_rows) tile_rows = max_rows;
     for (int r0 = 0; r0 < w->rows; r0 += tile_rows) {
         int n = w->rows - r0 < tile_rows ? w->rows - r0 : tile_rows;
         dq_job dj = {w, r0, n, e->tile};
         pool_run(e->pool, dq_worker, &dj);
-        for (int g = 0; g < groups; g++)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, BLAS_M, n, w->cols, 1.0f,
-                        x + (size_t)g * BLAS_M * (size_t)w->cols, w->cols, e->tile, w->cols, 0.0f,
-                        y + (size_t)g * BLAS_M * (size_t)w->rows + r0, w->rows);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, n, w->cols, 1.0f, x, w->cols, e->tile, w->cols, 0.0f,
+                    y + r0, w->rows);
     }
 }
 

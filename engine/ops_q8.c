@@ -172,6 +172,18 @@ AVX2_ATTR static void gemm_q8_avx2_rows(const uint8_t *w, size_t rb, int rows, c
 #define AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #define VNNI_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
+/* The scales of blocks b and b+1 (bytes 0 and 34 of the pair) spread over
+ * lanes 0-7 and 8-15, from one 64-byte load, one word permute and one
+ * conversion: two scalar conversions, broadcasts and an insert per row were
+ * most of the tile's shuffle-port work. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"), always_inline)) static inline __m512
+q8_pair_scales(const block_q8_0 *wb) {
+    const __m512i idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x00110011, 0x00110011, 0x00110011, 0x00110011, 0,
+                                         0, 0, 0);
+    __m512i p = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(wb));
+    return _mm512_cvtph_ps(_mm512_castsi512_si256(p));
+}
+
 /* Two blocks (64 weights) at once: lanes 0-7 hold block b, 8-15 block b+1. */
 #define Q8_TILE_512(NAME, ATTR, DOT, RB, TB)                                                               \
     ATTR static inline void NAME(const uint8_t *w, size_t rb, const qrow *xq, float *y, size_t ldy, int n) { \
@@ -193,8 +205,7 @@ AVX2_ATTR static void gemm_q8_avx2_rows(const uint8_t *w, size_t rb, int rows, c
                 __m512i wv = _mm512_inserti64x4(                                                           \
                     _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)wb[0].qs)),                 \
                     _mm256_loadu_si256((const __m256i *)wb[1].qs), 1);                                     \
-                __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(wb[0].d)),                         \
-                                               _mm256_set1_ps(_cvtsh_ss(wb[1].d)), 1);                     \
+                __m512 dw = q8_pair_scales(wb);                                                            \
                 _Pragma("GCC unroll 8") for (int t = 0; t < TB; t++) {                                     \
                     __m512i ws = _mm512_mask_sub_epi8(wv, nx[t], _mm512_setzero_si512(), wv);              \
                     __m512 s = _mm512_cvtepi32_ps(DOT(ax[t], ws));                                         \

@@ -483,23 +483,37 @@ typedef struct {
     pthread_barrier_t *bar;
 } bw_job;
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) static void *bw_sum(void *arg) {
-    bw_job *j = arg;
-    pthread_barrier_wait(j->bar);
-    v8u64 a = {0}, b = {0}, c = {0}, d = {0};
-    size_t i = 0;
-    for (; i + 4 <= j->n; i += 4) {
-        a += j->p[i];
-        b += j->p[i + 1];
-        c += j->p[i + 2];
-        d += j->p[i + 3];
+/* The sum in three builds, picked at run time.  (Not target_clones: its
+ * ifunc resolver runs before ThreadSanitizer's runtime is up and crashes
+ * every sanitized binary at load.) */
+#define BW_SUM(NAME, ATTR)                                                                                 \
+    ATTR static void *NAME(void *arg) {                                                                    \
+        bw_job *j = arg;                                                                                   \
+        pthread_barrier_wait(j->bar);                                                                      \
+        v8u64 a = {0}, b = {0}, c = {0}, d = {0};                                                          \
+        size_t i = 0;                                                                                      \
+        for (; i + 4 <= j->n; i += 4) {                                                                    \
+            a += j->p[i];                                                                                  \
+            b += j->p[i + 1];                                                                              \
+            c += j->p[i + 2];                                                                              \
+            d += j->p[i + 3];                                                                              \
+        }                                                                                                  \
+        for (; i < j->n; i++) a += j->p[i];                                                                \
+        a += b + c + d;                                                                                    \
+        unsigned long long s = 0;                                                                          \
+        for (int k = 0; k < 8; k++) s += a[k];                                                             \
+        j->sum = s;                                                                                        \
+        return NULL;                                                                                       \
     }
-    for (; i < j->n; i++) a += j->p[i];
-    a += b + c + d;
-    unsigned long long s = 0;
-    for (int k = 0; k < 8; k++) s += a[k];
-    j->sum = s;
-    return NULL;
+BW_SUM(bw_sum_avx512, __attribute__((target("avx512f"))))
+BW_SUM(bw_sum_avx2, __attribute__((target("avx2"))))
+BW_SUM(bw_sum_base, )
+
+static void *(*bw_sum_fn(void))(void *) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return bw_sum_avx512;
+    if (__builtin_cpu_supports("avx2")) return bw_sum_avx2;
+    return bw_sum_base;
 }
 
 /* Ceilings are the best of their runs (what the machine can do), while the
@@ -532,7 +546,7 @@ static double bandwidth(size_t bytes, int threads, int reps) {
         for (int i = 0; i < threads; i++) {
             size_t lo = n * (size_t)i / (size_t)threads, hi = n * (size_t)(i + 1) / (size_t)threads;
             jobs[i] = (bw_job){buf + lo, hi - lo, 0, &bar};
-            pthread_create(&th[i], NULL, bw_sum, &jobs[i]);
+            pthread_create(&th[i], NULL, bw_sum_fn(), &jobs[i]);
         }
         pthread_barrier_wait(&bar);
         double t0 = cli_now();
