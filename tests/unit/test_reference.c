@@ -615,16 +615,27 @@ Suite *reference_suite(void) {
     tcase_set_timeout(tc, REF_TIMEOUT);
     tcase_add_test(tc, test_sa_tiny_none);
     tcase_add_test(tc, test_sa_tiny_sa5_7);
+    suite_add_tcase(s, tc);
+
+    /* The remaining reference cases run the same code paths on other
+     * models and settings; tagged "slow" (like the full perplexity) so the
+     * sanitizer run in CI, several times slower, can leave them out with
+     * CK_EXCLUDE_TAGS=slow.  make test runs them all. */
+    tc = tcase_create("sa-tiny-more");
+    tcase_set_tags(tc, "slow");
+    tcase_set_timeout(tc, REF_TIMEOUT);
     tcase_add_test(tc, test_sa_tiny_sa3_5_9_11);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("sa-tiny-sa");
+    tcase_set_tags(tc, "slow");
     tcase_set_timeout(tc, REF_TIMEOUT);
     tcase_add_test(tc, test_sa_tiny_sa_own);
     tcase_add_test(tc, test_sa_tiny_sa_none);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("q8_0");
+    tcase_set_tags(tc, "slow");
     tcase_set_timeout(tc, REF_TIMEOUT);
     tcase_add_test(tc, test_q8_0_sa_tiny);
     tcase_add_test(tc, test_q8_0_bundled);
