@@ -230,12 +230,16 @@ static void quiet_log(engine_log_level level, const char *msg, void *ud) {
     if (level >= ENGINE_LOG_WARN) fprintf(stderr, "%s: %s\n", (const char *)ud, msg);
 }
 
-/* Bytes of a weight matrix of n elements in the model's main type. */
+/* Bytes per weight of the model's main type.  A mixed file (Q4_K_M: Q4_K
+ * with some Q6_K) is counted at its main type, a few percent low. */
 static double type_bytes(const char *type) {
     if (!strcmp(type, "F32")) return 4;
     if (!strcmp(type, "F16") || !strcmp(type, "BF16")) return 2;
     if (!strcmp(type, "Q8_0")) return 34.0 / 32;
     if (!strcmp(type, "Q4_0")) return 18.0 / 32;
+    if (!strcmp(type, "Q4_K")) return 144.0 / 256;
+    if (!strcmp(type, "Q5_K")) return 176.0 / 256;
+    if (!strcmp(type, "Q6_K")) return 210.0 / 256;
     return 2;
 }
 
