@@ -318,6 +318,22 @@ static void preempt(scheduler *s, request *r) {
  * with generated tokens leads its own recomputation. */
 static bool is_leader(const req_choice *c) { return !c->waiting_fork; }
 
+/* Blocks that admitted requests still need for the tokens they have yet to
+ * prefill (prompts, or recomputation after preemption): free blocks are
+ * only taken in the step, so without this every request admitted in one
+ * pass would count the same free blocks, and the batch would start with
+ * more prompts than fit and preempt them again. */
+static int pending_prefill_blocks(scheduler *s) {
+    int pending = 0;
+    for (request *q = s->running; q; q = q->sched_next)
+        for (int i = 0; i < q->n_choices; i++) {
+            req_choice *c = &q->choices[i];
+            int todo = c->n_tokens - c->n_cached;
+            if (!c->done && c->seq >= 0 && todo > 1) pending += s->eng.blocks_needed(s->eng.ctx, c->seq, todo);
+        }
+    return pending;
+}
+
 /* Tries to start r: sequences for its leaders, prefix blocks attached.
  * Returns false (and leaves nothing allocated) if it does not fit now. */
 static bool try_admit(scheduler *s, request *r) {
@@ -340,7 +356,7 @@ static bool try_admit(scheduler *s, request *r) {
     /* Room for the prompt plus one block of growth per sequence; a request
      * that could never fit is admitted alone and fails in the step with a
      * clear error rather than waiting forever. */
-    int avail = s->eng.free_blocks(s->eng.ctx);
+    int avail = s->eng.free_blocks(s->eng.ctx) - (s->running ? pending_prefill_blocks(s) : 0);
     if (blocks + need_seqs + s->running_seqs > avail && s->running) {
         for (int i = 0; i < r->n_choices; i++) r->choices[i].n_cached = 0;
         free_seqs(s, r);

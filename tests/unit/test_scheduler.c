@@ -329,6 +329,29 @@ START_TEST(test_batch_fits_pool) {
 }
 END_TEST
 
+/* Admission counts the blocks that admitted prompts have yet to fill: four
+ * 16-token prompts (4 blocks each, plus one of growth) and 12 free blocks:
+ * the first pass admits two, not all four (each alone would fit). */
+START_TEST(test_admission_reserves_prompts) {
+    sched_engine e = fake_engine(12, 8);
+    sched_config cfg = {.max_running = 8, .max_queue = 8, .max_batch_tokens = 8};
+    scheduler *s = sched_create(&e, &cfg, NULL, NULL, NULL);
+    request *r[4];
+    for (int i = 0; i < 4; i++) sched_submit(s, r[i] = make_req(16, 9 * i + 2, 6, 1));
+    sched_iterate(s);
+    sched_stats st;
+    sched_snapshot(s, &st);
+    ck_assert_int_eq(st.running_requests, 2);
+    run_until_idle(s, 2000);
+    for (int i = 0; i < 4; i++) check_output(r[i], 0, 6);
+    sched_snapshot(s, &st);
+    ck_assert_int_eq((int)st.preemptions, 0);
+    ck_assert_int_eq(F.used, 0);
+    sched_destroy(s);
+    for (int i = 0; i < 4; i++) request_unref(r[i]);
+}
+END_TEST
+
 START_TEST(test_cancel_frees) {
     sched_engine e = fake_engine(100, 64);
     sched_config cfg = {.max_running = 4, .max_queue = 8, .max_batch_tokens = 64};
@@ -564,6 +587,7 @@ Suite *scheduler_suite(void) {
     tc = tcase_create("memory");
     tcase_add_test(tc, test_preemption_recompute);
     tcase_add_test(tc, test_batch_fits_pool);
+    tcase_add_test(tc, test_admission_reserves_prompts);
     tcase_add_test(tc, test_cancel_frees);
     tcase_add_test(tc, test_prefix_reuse);
     tcase_add_test(tc, test_timeout);
