@@ -270,6 +270,24 @@ static bool check_value(const config_entry *e, const config_value *v, char *why,
     return false;
 }
 
+int config_parse_size(const char *s, int64_t *out) {
+    char *end;
+    if (!parse_int64(s, out, &end)) return 0;
+    int shift = 0;
+    switch (toupper((unsigned char)*end)) {
+    case 0: break;
+    case 'K': shift = 10; break;
+    case 'M': shift = 20; break;
+    case 'G': shift = 30; break;
+    case 'T': shift = 40; break;
+    default: return 0;
+    }
+    if (*end && end[1]) return 0;
+    if (*out > (INT64_MAX >> shift) || *out < (INT64_MIN >> shift)) return -1;
+    *out *= (int64_t)1 << shift;
+    return 1;
+}
+
 /* Parses text as given on the command line or in the environment (and size
  * strings in the file), then checks it.  On failure why gets a phrase: "not an
  * integer", "out of range [1K, 1G]", "not one of f16, f32", ... */
@@ -287,29 +305,19 @@ static bool parse_text(const config_entry *e, const char *s, config_value *v, ch
         }
         break;
     case CFG_SIZE: {
-        if (!parse_int64(s, &v->i, &end)) goto bad_size;
-        int shift = 0;
-        switch (toupper((unsigned char)*end)) {
-        case 0: break;
-        case 'K': shift = 10; break;
-        case 'M': shift = 20; break;
-        case 'G': shift = 30; break;
-        case 'T': shift = 40; break;
-        default: goto bad_size;
+        int rc = config_parse_size(s, &v->i);
+        if (rc == 0) {
+            snprintf(why, cap, "not a size (an integer with an optional K, M, G or T suffix)");
+            return false;
         }
-        if (*end && end[1]) goto bad_size;
-        if (v->i > (INT64_MAX >> shift) || v->i < (INT64_MIN >> shift)) {
+        if (rc < 0) {
             /* Too large to represent is also too large for the bounds. */
             char range[128];
             format_range(range, sizeof range, e);
             snprintf(why, cap, "out of range %s", range);
             return false;
         }
-        v->i *= (int64_t)1 << shift;
         break;
-    bad_size:
-        snprintf(why, cap, "not a size (an integer with an optional K, M, G or T suffix)");
-        return false;
     }
     case CFG_DOUBLE:
         if (!*s || isspace((unsigned char)*s)) goto bad_number;

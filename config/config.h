@@ -81,6 +81,11 @@ void config_free(saserve_config *c);
  * for tests and embedders.  Returns 0, or -1 (out of memory) with err set. */
 int config_defaults(saserve_config *c, char *err, size_t errlen);
 
+/* A size as the registry reads one: an integer with an optional K, M, G or
+ * T suffix (powers of 1024).  Returns 1 with *out set, 0 if s is not a size,
+ * -1 if it does not fit in 64 bits. */
+int config_parse_size(const char *s, int64_t *out);
+
 /* Where a key's value came from: a config_source, or -1 for an unknown key. */
 int config_key_source(const saserve_config *c, const char *key);
 /* "default", "file", "env" or "cli". */

@@ -577,12 +577,13 @@ static void dq_worker(void *arg, int ith, int nth) {
  * prompt's logits would depend on how it was chunked and on what else was
  * in the batch.  So every call takes a multiple of BLAS_M rows: T is padded
  * up to one with the spare rows every buffer has (whatever they hold is
- * computed and ignored).  From BLAS_M rows on, the normal kernels run (the
- * small-matrix path is for M*N*K up to 100^3; tiles are split evenly, so no
- * tile is thin), and each output element is one fixed FMA chain over k
- * whatever M is: a row's result depends only on that row.  One call for all
- * the rows, rather than one per BLAS_M of them, packs each weight tile once
- * instead of once per group. */
+ * computed and ignored).  With at least BLAS_M rows per call (and weight
+ * tiles split evenly, so none is thin) each output element came out as one
+ * fixed FMA chain over k whatever M was: a row's result depends only on
+ * that row.  The batch-invariance cases of the reference and engine suites
+ * check exactly that, bit for bit, for prompts split and batched in
+ * different ways.  One call for all the rows, rather than one per BLAS_M of
+ * them, packs each weight tile once instead of once per group. */
 static void matmul_blas(engine *e, const wmat *w, const float *x, int T, float *y) {
     int M = (T + BLAS_M - 1) / BLAS_M * BLAS_M;
     if (w->type == GGML_F32) {

@@ -70,8 +70,6 @@ _Static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 _Static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
 _Static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
 
-
-
 /* Prefetch distance of the one-token kernels (ops_kquants_512.inc): three
  * lines this far ahead of each block.  On a 1B Q4_K_M model, decode on two
  * cores went 14.7 -> 23.4 tok/s (256: 17.4, 512: 19.6, 1024: 22.4, 1536 and
@@ -171,7 +169,6 @@ static void dequant_kq_scalar(uint32_t type, const void *row, float *y, int n) {
 
 typedef enum { FAM_SCALAR, FAM_AVX2, FAM_512_BW, FAM_512_VNNI } kq_family;
 static kq_family fam = FAM_SCALAR;
-
 
 /* One activation row quantised to int8 in blocks of qb (256 or 32). */
 typedef struct {
@@ -658,8 +655,6 @@ KQ_ROWS_AVX2(q6_K, Q6K_STEP, nb)
 
 typedef void (*kq_rows_fn)(const uint8_t *w, size_t rb, int rows, const act *xa, int T, float *y, size_t ldy,
                            int nb);
-
-
 
 void ops_kq_init(const char *family) {
     const cpu_features *f = cpu_get();

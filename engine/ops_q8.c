@@ -176,8 +176,7 @@ AVX2_ATTR static void gemm_q8_avx2_rows(const uint8_t *w, size_t rb, int rows, c
  * lanes 0-7 and 8-15, from one 64-byte load, one word permute and one
  * conversion: two scalar conversions, broadcasts and an insert per row were
  * most of the tile's shuffle-port work. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"), always_inline)) static inline __m512
-q8_pair_scales(const block_q8_0 *wb) {
+AVX512_ATTR __attribute__((always_inline)) static inline __m512 q8_pair_scales(const block_q8_0 *wb) {
     const __m512i idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x00110011, 0x00110011, 0x00110011, 0x00110011, 0,
                                          0, 0, 0);
     __m512i p = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(wb));

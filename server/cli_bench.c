@@ -23,7 +23,6 @@
  * logits for their last token only) plus its causal attention.
  */
 #include <cblas.h>
-#include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -35,6 +34,7 @@
 
 #include "cli.h"
 #include "cli_common.h"
+#include "config.h"
 
 #define MAX_LIST 16
 
@@ -152,21 +152,14 @@ full:
     return false;
 }
 
+/* A size as the configuration reads one (config_parse_size: 8M, 2G). */
 static bool parse_size(const char *s, size_t *out, const char *flag, const char *prog) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    double mul = 1;
-    if (*end == 'K' || *end == 'k') mul = 1024.0, end++;
-    else if (*end == 'M' || *end == 'm') mul = 1024.0 * 1024, end++;
-    else if (*end == 'G' || *end == 'g') mul = 1024.0 * 1024 * 1024, end++;
-    else if (*end == 'T' || *end == 't') mul = 1024.0 * 1024 * 1024 * 1024, end++;
-    if (*end == 'B' || *end == 'b') end++;
-    if (errno || end == s || *end || !(v >= 0) || v * mul > 1e15) {
+    int64_t v;
+    if (config_parse_size(s, &v) != 1 || v < 0) {
         fprintf(stderr, "%s: %s must be a size such as 8M or 2G, got '%s'\n", prog, flag, s);
         return false;
     }
-    *out = (size_t)(v * mul);
+    *out = (size_t)v;
     return true;
 }
 

@@ -286,6 +286,13 @@ static void abort_request(scheduler *s, request *r, bool running, int status, co
 
 /* ==== Admission ======================================================== */
 
+/* The last admitted running request: the first to be preempted. */
+static request *newest_running(scheduler *s) {
+    request *r = s->running;
+    while (r && r->sched_next) r = r->sched_next;
+    return r;
+}
+
 /* Puts r back at the head of the waiting list, freeing its blocks.  Its
  * choices will recompute prompt + generated tokens. */
 static void preempt(scheduler *s, request *r) {
@@ -356,7 +363,7 @@ static bool try_admit(scheduler *s, request *r) {
     /* Room for the prompt plus one block of growth per sequence; a request
      * that could never fit is admitted alone and fails in the step with a
      * clear error rather than waiting forever. */
-    int avail = s->eng.free_blocks(s->eng.ctx) - (s->running ? pending_prefill_blocks(s) : 0);
+    int avail = s->eng.free_blocks(s->eng.ctx) - pending_prefill_blocks(s);
     if (blocks + need_seqs + s->running_seqs > avail && s->running) {
         for (int i = 0; i < r->n_choices; i++) r->choices[i].n_cached = 0;
         free_seqs(s, r);
@@ -484,12 +491,26 @@ static void fork_siblings(scheduler *s, request *r, int leader) {
 
 /* ==== One iteration ==================================================== */
 
+
 /* KV usage for snapshots, which other threads take under mu. */
 static void set_kv_used(scheduler *s) {
     int used = s->eng.used_blocks(s->eng.ctx);
     pthread_mutex_lock(&s->mu);
     s->kv_used = used;
     pthread_mutex_unlock(&s->mu);
+}
+
+/* Every exit of an iteration: the KV gauge, then each touched request hears
+ * about its new events, and finished ones are released. */
+static int end_iteration(scheduler *s, int tokens) {
+    set_kv_used(s);
+    for (int i = 0; i < s->n_touched; i++) {
+        request *r = s->touched[i];
+        if (s->notify) s->notify(r, s->notify_ud);
+        if (atomic_load(&r->state) == REQ_FINISHED) release_request(s, r);
+    }
+    s->n_touched = 0;
+    return tokens;
 }
 
 int sched_iterate(scheduler *s) {
@@ -544,32 +565,28 @@ int sched_iterate(scheduler *s) {
     /* 3. The batch: decode tokens first. */
     int n_items = 0, budget = s->cfg.max_batch_tokens;
     for (;;) {
-        int need = 0, count = 0;
+        int need = 0;
         for (request *r = s->running; r; r = r->sched_next)
             for (int i = 0; i < r->n_choices; i++) {
                 req_choice *c = &r->choices[i];
                 if (c->done || c->seq < 0 || c->n_tokens - c->n_cached != 1 || c->n_cached < r->prompt_len[c->prompt])
                     continue;
                 need += s->eng.blocks_needed(s->eng.ctx, c->seq, 1);
-                count++;
             }
         if (need <= s->eng.free_blocks(s->eng.ctx) || !s->running || !s->running->sched_next) break;
-        /* Preempt the newest request and try again. */
-        request *newest = s->running;
-        while (newest->sched_next) newest = newest->sched_next;
-        preempt(s, newest);
-        (void)count;
+        preempt(s, newest_running(s)); /* and try again */
     }
-    /* Blocks the items taken so far will claim: the batch as a whole must
-     * fit the free blocks, not each item on its own. */
-    int reserved = 0;
+    /* The batch as a whole must fit the free blocks, not each item on its
+     * own: reserved counts what the items taken so far will claim (blocks
+     * are only taken in the step, so the free count does not move here). */
+    int free_blocks = s->eng.free_blocks(s->eng.ctx), reserved = 0;
     for (request *r = s->running; r && budget > 0; r = r->sched_next)
         for (int i = 0; i < r->n_choices && budget > 0; i++) {
             req_choice *c = &r->choices[i];
             if (c->done || c->seq < 0 || c->n_tokens - c->n_cached != 1 || c->n_cached < r->prompt_len[c->prompt])
                 continue;
             int nb = s->eng.blocks_needed(s->eng.ctx, c->seq, 1);
-            if (reserved + nb > s->eng.free_blocks(s->eng.ctx)) continue;
+            if (reserved + nb > free_blocks) continue;
             reserved += nb;
             s->items[n_items] = (engine_batch_item){.seq = c->seq, .tokens = c->tokens + c->n_cached, .n_tokens = 1};
             s->item_req[n_items] = r;
@@ -593,8 +610,7 @@ int sched_iterate(scheduler *s) {
             if (in_prompt && c->n_cached + chunk > plen) chunk = plen - c->n_cached;
             if (!in_prompt && chunk == todo) chunk = todo - 1; /* the last token is fed as a decode token */
             if (chunk <= 0) continue;
-            int free_b = s->eng.free_blocks(s->eng.ctx) - reserved;
-            while (chunk > 0 && s->eng.blocks_needed(s->eng.ctx, c->seq, chunk) > free_b) chunk /= 2;
+            while (chunk > 0 && s->eng.blocks_needed(s->eng.ctx, c->seq, chunk) > free_blocks - reserved) chunk /= 2;
             if (chunk <= 0) continue;
             reserved += s->eng.blocks_needed(s->eng.ctx, c->seq, chunk);
             s->items[n_items] = (engine_batch_item){.seq = c->seq, .tokens = c->tokens + c->n_cached,
@@ -617,10 +633,7 @@ int sched_iterate(scheduler *s) {
             if (stuck)
                 abort_request(s, r, true, 400, "the request needs more KV cache than the server has", FAIL_BAD_REQUEST);
         }
-        set_kv_used(s);
-        for (int i = 0; i < s->n_touched; i++)
-            if (s->notify) s->notify(s->touched[i], s->notify_ud);
-        return 0;
+        return end_iteration(s, 0);
     }
 
     /* 4. One forward pass. */
@@ -632,14 +645,9 @@ int sched_iterate(scheduler *s) {
         /* The engine changed nothing.  The batch is sized from the block
          * counts, so this should not happen; if it does, make room as for a
          * decode token rather than failing every request in the batch. */
-        request *newest = s->running;
-        while (newest->sched_next) newest = newest->sched_next;
         LOG_WARN(NULL, "engine step: KV cache full after all; preempting the newest request");
-        preempt(s, newest);
-        set_kv_used(s);
-        for (int i = 0; i < s->n_touched; i++)
-            if (s->notify) s->notify(s->touched[i], s->notify_ud);
-        return 0;
+        preempt(s, newest_running(s));
+        return end_iteration(s, 0);
     }
     if (rc != 0) {
         LOG_ERROR(NULL, "engine step failed: %s", engine_strerror(rc));
@@ -652,7 +660,7 @@ int sched_iterate(scheduler *s) {
         }
         for (int k = 0; k < n_items; k++)
             if (s->item_req[k]) abort_request(s, s->item_req[k], true, 500, "internal error in the engine step", FAIL_INTERNAL);
-        return 0;
+        return end_iteration(s, 0);
     }
     metrics_observe(s->m, H_ITER_TOKENS, tokens);
 
@@ -688,14 +696,7 @@ int sched_iterate(scheduler *s) {
             touch(s, r);
         }
     }
-    set_kv_used(s);
-    for (int i = 0; i < s->n_touched; i++) {
-        request *r = s->touched[i];
-        if (s->notify) s->notify(r, s->notify_ud);
-        if (atomic_load(&r->state) == REQ_FINISHED) release_request(s, r);
-    }
-    s->n_touched = 0;
-    return tokens;
+    return end_iteration(s, tokens);
 }
 
 static void *thread_main(void *arg) {
