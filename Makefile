@@ -135,6 +135,10 @@ $(TEST_BIN): $(LIB_OBJ) $(UNIT_OBJ)
 $(TOOL_BIN): $(BUILD)/tools/%: $(BUILD)/tests/tools/%.o $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+# The soak test talks to its server through the unit tests' HTTP client
+# and process fixture (tests/unit/httpc.c).
+$(BUILD)/tools/soak: $(BUILD)/tests/unit/httpc.o $(BUILD)/tests/unit/testutil.o
+$(BUILD)/tests/tools/soak.o: CPPFLAGS += -Itests/unit
 
 # The README's table of keys and config/saserve.example.json are generated
 # from the config registry; the config suite fails until this is rerun after

@@ -26,11 +26,9 @@
  * max_running + max_queue makes some requests go over the queue limit.
  * Prints the figures; exits 0 when every check holds.
  */
-#include <arpa/inet.h>
 #include <dirent.h>
-#include <errno.h>
 #include <jansson.h>
-#include <netinet/in.h>
+#include <math.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -39,11 +37,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "httpc.h"
 
 /* ==== Options ========================================================== */
 
@@ -53,11 +51,9 @@ static struct {
     uint64_t seed;
 } opt = {"build/saserve", "models/sa-tiny-sa-q8_0.gguf", 10000, 16, 8, 4, 1};
 
-static int port;
 static char **extra_args; /* after "--": more saserve serve flags */
 static int n_extra;
-static pid_t server_pid;
-static char log_path[64];
+static srv_proc srv; /* the server (tests/unit/httpc.c) */
 
 static double now_s(void) {
     struct timespec ts;
@@ -70,139 +66,6 @@ static uint64_t splitmix(uint64_t x) {
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
     x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
     return x ^ (x >> 31);
-}
-
-/* ==== HTTP over loopback =============================================== */
-
-static int connect_server(void) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
-        close(fd);
-        return -1;
-    }
-    struct timeval tv = {60, 0}; /* no request of the mix takes more than seconds */
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    return fd;
-}
-
-static int write_all(int fd, const char *p, size_t n) {
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-typedef struct {
-    int status;
-    char *head; /* header block */
-    char *body; /* de-chunked */
-    size_t body_len;
-} response;
-
-static void response_free(response *r) {
-    free(r->head);
-    free(r->body);
-    memset(r, 0, sizeof *r);
-}
-
-/* De-chunks b[0..n) in place; returns the new length, or -1 if malformed. */
-static long dechunk(char *b, size_t n) {
-    size_t in = 0, out = 0;
-    for (;;) {
-        if (in >= n) return -1; /* no terminating chunk */
-        char *end;
-        unsigned long len = strtoul(b + in, &end, 16);
-        char *nl = strstr(end, "\r\n");
-        if (!nl || end == b + in) return -1;
-        in = (size_t)(nl - b) + 2;
-        if (len == 0) break;
-        if (in + len + 2 > n) return -1;
-        memmove(b + out, b + in, len);
-        out += len;
-        in += len + 2;
-    }
-    b[out] = 0;
-    return (long)out;
-}
-
-static bool header_value(const char *head, const char *name, char *buf, size_t cap) {
-    size_t nl = strlen(name);
-    for (const char *p = head; p && *p;) {
-        const char *e = strstr(p, "\r\n");
-        if (!strncasecmp(p, name, nl) && p[nl] == ':') {
-            const char *v = p + nl + 1;
-            while (*v == ' ') v++;
-            size_t n = e ? (size_t)(e - v) : strlen(v);
-            if (n >= cap) n = cap - 1;
-            memcpy(buf, v, n);
-            buf[n] = 0;
-            return true;
-        }
-        p = e ? e + 2 : NULL;
-    }
-    return false;
-}
-
-/* One request on its own connection.  drop_after_first_event: close the
- * connection as soon as the first SSE event has arrived (a client that
- * goes away mid-stream).  Returns 0 with *out filled, -1 on a transport
- * error or an unparsable response. */
-static int request(const char *method, const char *path, const char *body, bool drop_after_first_event,
-                   response *out) {
-    memset(out, 0, sizeof *out);
-    int fd = connect_server();
-    if (fd < 0) return -1;
-    char head[512];
-    size_t bl = body ? strlen(body) : 0;
-    int hn = snprintf(head, sizeof head,
-                      "%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n%s", method, path, port,
-                      body ? "Content-Type: application/json\r\n" : "");
-    if (body) hn += snprintf(head + hn, sizeof head - (size_t)hn, "Content-Length: %zu\r\n", bl);
-    hn += snprintf(head + hn, sizeof head - (size_t)hn, "\r\n");
-    if (write_all(fd, head, (size_t)hn) || (bl && write_all(fd, body, bl))) {
-        close(fd);
-        return -1;
-    }
-    size_t cap = 1 << 16, len = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        if (cap - len < 4096) buf = realloc(buf, cap *= 2);
-        ssize_t r = read(fd, buf + len, cap - len - 1);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) break;
-        len += (size_t)r;
-        buf[len] = 0;
-        if (drop_after_first_event && strstr(buf, "\r\n\r\n") && strstr(strstr(buf, "\r\n\r\n"), "data: ")) break;
-    }
-    close(fd);
-    buf[len] = 0;
-    char *sep = strstr(buf, "\r\n\r\n");
-    if (!sep || sscanf(buf, "HTTP/1.%*d %d", &out->status) != 1) {
-        free(buf);
-        return -1;
-    }
-    out->head = strndup(buf, (size_t)(sep - buf));
-    size_t body_len = len - (size_t)(sep + 4 - buf);
-    out->body = malloc(body_len + 1);
-    memcpy(out->body, sep + 4, body_len);
-    out->body[body_len] = 0;
-    out->body_len = body_len;
-    free(buf);
-    char te[64];
-    if (!drop_after_first_event && header_value(out->head, "Transfer-Encoding", te, sizeof te) &&
-        strcasestr(te, "chunked")) {
-        long n = dechunk(out->body, body_len);
-        if (n < 0) return -1;
-        out->body_len = (size_t)n;
-    }
-    return 0;
 }
 
 /* ==== The mix ========================================================== */
@@ -288,7 +151,7 @@ static struct {
 static pthread_mutex_t report_mu = PTHREAD_MUTEX_INITIALIZER;
 static int reports;
 
-static void bad_response(int i, const job *j, const response *r, const char *why) {
+static void bad_response(int i, const job *j, const http_resp *r, const char *why) {
     atomic_fetch_add(&C.malformed_responses, 1);
     pthread_mutex_lock(&report_mu);
     if (reports++ < 10)
@@ -358,14 +221,15 @@ static bool check_stream(const job *j, const char *body, size_t len) {
 static void run_one(int i) {
     job j;
     make_job(i, &j);
-    response r;
+    http_resp r;
     atomic_fetch_add(&C.sent, 1);
-    if (request("POST", j.path, j.body, j.k == K_DROP, &r) != 0) {
+    /* Strict: a malformed chunked body is an error, not a short answer. */
+    unsigned flags = HTTP_STRICT | (j.k == K_DROP ? HTTP_DROP_AFTER_FIRST_EVENT : 0);
+    if (http_do_flags(srv.port, "POST", j.path, NULL, j.body, flags, &r) != 0) {
         atomic_fetch_add(&C.transport_errors, 1);
         pthread_mutex_lock(&report_mu);
         if (reports++ < 10) fprintf(stderr, "soak: request %d (%s): no response\n", i, j.path);
         pthread_mutex_unlock(&report_mu);
-        response_free(&r);
         return;
     }
     char ra[32];
@@ -385,7 +249,7 @@ static void run_one(int i) {
         break;
     case 429:
         atomic_fetch_add(&C.st429, 1);
-        if (!is_error_object(r.body) || !header_value(r.head, "Retry-After", ra, sizeof ra))
+        if (!is_error_object(r.body) || !http_header(&r, "Retry-After", ra, sizeof ra))
             bad_response(i, &j, &r, "429 without an error object or Retry-After");
         /* A polite client waits Retry-After (jittered: half to all of it)
          * before its next request. */
@@ -402,7 +266,7 @@ static void run_one(int i) {
         atomic_fetch_add(&C.st_other, 1);
         bad_response(i, &j, &r, "unexpected status");
     }
-    response_free(&r);
+    http_resp_free(&r);
 }
 
 static atomic_int next_index;
@@ -419,79 +283,27 @@ static void *client(void *arg) {
 
 /* ==== The server process =============================================== */
 
-static int free_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, (struct sockaddr *)&a, sizeof a);
-    socklen_t l = sizeof a;
-    getsockname(fd, (struct sockaddr *)&a, &l);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static bool server_alive(void) {
     int status;
-    return waitpid(server_pid, &status, WNOHANG) == 0;
+    return waitpid(srv.pid, &status, WNOHANG) == 0;
 }
 
 static int start_server(void) {
-    port = free_port();
-    snprintf(log_path, sizeof log_path, "/tmp/saserve-soak-XXXXXX");
-    int lfd = mkstemp(log_path);
-    if (lfd < 0) return -1;
-    char p[16], mr[16], mq[16];
-    snprintf(p, sizeof p, "%d", port);
+    char mr[16], mq[16];
     snprintf(mr, sizeof mr, "%d", opt.max_running);
     snprintf(mq, sizeof mq, "%d", opt.max_queue);
-    const char *argv[64] = {opt.bin, "serve", "--model", opt.model, "--host", "127.0.0.1", "--port", p,
-                            "--max-running", mr, "--max-queue", mq, "--log-level", "warn"};
-    int n = 14;
-    for (int i = 0; i < n_extra && n < 62; i++) argv[n++] = extra_args[i];
-    argv[n] = NULL;
-    server_pid = fork();
-    if (server_pid == 0) {
-        dup2(lfd, 1);
-        dup2(lfd, 2);
-        execv(argv[0], (char *const *)argv);
-        _exit(127);
-    }
-    close(lfd);
-    for (int i = 0; i < 600; i++) {
-        response r;
-        if (request("GET", "/health", NULL, false, &r) == 0 && r.status == 200) {
-            response_free(&r);
-            return 0;
-        }
-        response_free(&r);
-        if (!server_alive()) return -1;
-        usleep(100 * 1000);
-    }
-    return -1;
-}
-
-static char *scrape(void) {
-    response r;
-    if (request("GET", "/metrics", NULL, false, &r) != 0) return NULL;
-    char *b = r.body;
-    r.body = NULL;
-    response_free(&r);
-    return b;
-}
-
-static double sample(const char *text, const char *series) {
-    size_t n = strlen(series);
-    for (const char *p = text; p && *p;) {
-        if (!strncmp(p, series, n) && p[n] == ' ') return strtod(p + n + 1, NULL);
-        p = strchr(p, '\n');
-        if (p) p++;
-    }
-    return -1;
+    const char *args[64] = {"--model", opt.model, "--host", "127.0.0.1", "--max-running", mr, "--max-queue", mq,
+                            "--log-level", "warn"};
+    int n = 10;
+    for (int i = 0; i < n_extra && n < 62; i++) args[n++] = extra_args[i];
+    args[n] = NULL;
+    setenv("SASERVE_BIN", opt.bin, 1); /* srv_start runs $SASERVE_BIN serve --port P ARGS */
+    return srv_start(&srv, args);
 }
 
 static long rss_kb(void) {
     char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)server_pid);
+    snprintf(path, sizeof path, "/proc/%d/status", (int)srv.pid);
     FILE *f = fopen(path, "r");
     long kb = -1;
     while (f && fgets(line, sizeof line, f))
@@ -502,7 +314,7 @@ static long rss_kb(void) {
 
 static int fd_count(void) {
     char path[64];
-    snprintf(path, sizeof path, "/proc/%d/fd", (int)server_pid);
+    snprintf(path, sizeof path, "/proc/%d/fd", (int)srv.pid);
     DIR *d = opendir(path);
     if (!d) return -1;
     int n = 0;
@@ -520,9 +332,9 @@ static bool wait_idle(double limit_s, int *fds) {
         /* Count before scraping: the scrape's own connection is gone by the
          * next round. */
         int n = fd_count();
-        char *m = scrape();
-        bool idle = m && sample(m, "saserve_num_requests_running") == 0 && sample(m, "saserve_num_requests_waiting") == 0 &&
-                    sample(m, "saserve_kv_cache_usage_ratio") == 0;
+        char *m = http_metrics(srv.port);
+        bool idle = m && metrics_sample(m, "saserve_num_requests_running") == 0 && metrics_sample(m, "saserve_num_requests_waiting") == 0 &&
+                    metrics_sample(m, "saserve_kv_cache_usage_ratio") == 0;
         free(m);
         same = n == last ? same + 1 : 0;
         last = n;
@@ -566,12 +378,12 @@ int main(int argc, char **argv) {
     if (opt.requests < 1 || opt.requests > 1000000 || opt.clients < 1 || opt.clients > 256) usage();
     signal(SIGPIPE, SIG_IGN);
     if (start_server() != 0) {
-        fprintf(stderr, "soak: the server did not start (log: %s)\n", log_path);
+        fprintf(stderr, "soak: the server did not start (log: %s)\n", srv.log_path);
         return 1;
     }
     printf("soak: %s serve --model %s on 127.0.0.1:%d (pid %d), max_running %d, max_queue %d; %d requests from %d "
            "clients, seed %llu\n",
-           opt.bin, opt.model, port, (int)server_pid, opt.max_running, opt.max_queue, opt.requests, opt.clients,
+           opt.bin, opt.model, srv.port, (int)srv.pid, opt.max_running, opt.max_queue, opt.requests, opt.clients,
            (unsigned long long)opt.seed);
     fflush(stdout);
     double t0 = now_s();
@@ -599,20 +411,20 @@ int main(int argc, char **argv) {
     }
     double elapsed = now_s() - t0;
 
-    char *m = alive ? scrape() : NULL;
-    double ok_stop = m ? sample(m, "saserve_request_success_total{finished_reason=\"stop\"}") : -1;
-    double ok_len = m ? sample(m, "saserve_request_success_total{finished_reason=\"length\"}") : -1;
+    char *m = alive ? http_metrics(srv.port) : NULL;
+    double ok_stop = m ? metrics_sample(m, "saserve_request_success_total{finished_reason=\"stop\"}") : -1;
+    double ok_len = m ? metrics_sample(m, "saserve_request_success_total{finished_reason=\"length\"}") : -1;
     static const char *const reasons[] = {"bad_request", "unauthorized", "too_large", "queue_full",
                                           "unavailable", "timeout",      "cancelled", "internal"};
     double fail[8], fail_total = 0;
     for (int k = 0; k < 8; k++) {
         char series[128];
         snprintf(series, sizeof series, "saserve_request_failure_total{reason=\"%s\"}", reasons[k]);
-        fail[k] = m ? sample(m, series) : -1;
+        fail[k] = m ? metrics_sample(m, series) : -1;
         fail_total += fail[k];
     }
-    double kv = m ? sample(m, "saserve_kv_cache_usage_ratio") : -1;
-    double gen = m ? sample(m, "saserve_generation_tokens_total") : -1;
+    double kv = m ? metrics_sample(m, "saserve_kv_cache_usage_ratio") : -1;
+    double gen = m ? metrics_sample(m, "saserve_generation_tokens_total") : -1;
     free(m);
 
     int sent = atomic_load(&C.sent), s200 = atomic_load(&C.st200), s400 = atomic_load(&C.st400),
@@ -622,18 +434,7 @@ int main(int argc, char **argv) {
     double growth = rss_first > 0 ? 100.0 * (double)(rss_last - rss_first) / (double)rss_first : 100;
 
     /* The end: SIGTERM, exit status 0. */
-    int status = -1, exit_code = -1;
-    if (alive) {
-        kill(server_pid, SIGTERM);
-        for (int i = 0; i < 600; i++) {
-            if (waitpid(server_pid, &status, WNOHANG) == server_pid) {
-                exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-                break;
-            }
-            usleep(100 * 1000);
-        }
-        if (exit_code < 0) kill(server_pid, SIGKILL);
-    }
+    int exit_code = alive ? srv_stop(&srv) : -1; /* -1: killed after 60 s */
 
     printf("\nsoak: %d requests in %.1f s (%.1f requests/s, %.0f tokens generated)\n", sent, elapsed, sent / elapsed,
            gen);
@@ -651,7 +452,7 @@ int main(int argc, char **argv) {
     printf("  RSS         %ld kB after the first 1000 requests, %ld kB after the last (%+.2f%%)\n", rss_first, rss_last,
            growth);
     printf("  fds         %d after the first 1000 requests, %d after the last\n", fds_first, fds_last);
-    printf("  exit        status %d after SIGTERM (server log: %s)\n", exit_code, log_path);
+    printf("  exit        status %d after SIGTERM (server log: %s)\n", exit_code, srv.log_path);
 
     struct {
         bool ok;
@@ -673,6 +474,6 @@ int main(int argc, char **argv) {
         all &= checks[k].ok;
     }
     printf("soak: %s\n", all ? "PASS" : "FAIL");
-    if (all) unlink(log_path);
+    if (all) unlink(srv.log_path);
     return all ? 0 : 1;
 }

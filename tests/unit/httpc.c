@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -44,34 +45,49 @@ static int write_all(int fd, const char *p, size_t n) {
     return 0;
 }
 
-/* Decodes a chunked body in place; returns the new length. */
-static size_t dechunk(char *b, size_t n) {
+/* Decodes a chunked body in place; returns the new length, or -1 when
+ * strict and the body is malformed (lenient: keeps what is there). */
+static long dechunk(char *b, size_t n, bool strict) {
     size_t in = 0, out = 0;
-    while (in < n) {
+    for (;;) {
+        if (in >= n) {
+            if (strict) return -1; /* no terminating chunk */
+            break;
+        }
         char *end;
         unsigned long len = strtoul(b + in, &end, 16);
         char *nl = strstr(end, "\r\n");
-        if (!nl) break;
+        if (!nl || end == b + in) {
+            if (strict) return -1;
+            break;
+        }
         in = (size_t)(nl - b) + 2;
         if (len == 0) break;
-        if (in + len > n) len = n - in;
+        if (in + len + 2 > n) {
+            if (strict) return -1;
+            if (in + len > n) len = n - in;
+        }
         memmove(b + out, b + in, len);
         out += len;
         in += len + 2;
     }
     b[out] = 0;
-    return out;
+    return (long)out;
 }
 
 int http_do(int port, const char *method, const char *path, const char *extra, const char *body, http_resp *out) {
+    return http_do_flags(port, method, path, extra, body, 0, out);
+}
+
+int http_do_flags(int port, const char *method, const char *path, const char *extra, const char *body,
+                  unsigned flags, http_resp *out) {
     memset(out, 0, sizeof *out);
     int fd = connect_port(port);
     if (fd < 0) return -1;
     size_t bl = body ? strlen(body) : 0;
     char head[2048];
-    int hn = snprintf(head, sizeof head,
-                      "%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n%s%s%s", method, path, port,
-                      extra ? extra : "", body ? "Content-Type: application/json\r\n" : "", "");
+    int hn = snprintf(head, sizeof head, "%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n%s%s", method,
+                      path, port, extra ? extra : "", body ? "Content-Type: application/json\r\n" : "");
     if (body) hn += snprintf(head + hn, sizeof head - (size_t)hn, "Content-Length: %zu\r\n", bl);
     hn += snprintf(head + hn, sizeof head - (size_t)hn, "\r\n");
     if (write_all(fd, head, (size_t)hn) || (bl && write_all(fd, body, bl))) {
@@ -86,6 +102,11 @@ int http_do(int port, const char *method, const char *path, const char *extra, c
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) break;
         len += (size_t)r;
+        buf[len] = 0;
+        if (flags & HTTP_DROP_AFTER_FIRST_EVENT) {
+            const char *sep = strstr(buf, "\r\n\r\n");
+            if (sep && strstr(sep, "data: ")) break;
+        }
     }
     close(fd);
     buf[len] = 0;
@@ -100,12 +121,38 @@ int http_do(int port, const char *method, const char *path, const char *extra, c
     out->body = malloc(body_len + 1);
     memcpy(out->body, sep + 4, body_len);
     out->body[body_len] = 0;
-    char te[64];
-    if (http_header(out, "Transfer-Encoding", te, sizeof te) && strcasestr(te, "chunked"))
-        body_len = dechunk(out->body, body_len);
-    out->body_len = body_len;
     free(buf);
+    char te[64];
+    if (!(flags & HTTP_DROP_AFTER_FIRST_EVENT) && http_header(out, "Transfer-Encoding", te, sizeof te) &&
+        strcasestr(te, "chunked")) {
+        long n = dechunk(out->body, body_len, flags & HTTP_STRICT);
+        if (n < 0) {
+            http_resp_free(out);
+            return -1;
+        }
+        body_len = (size_t)n;
+    }
+    out->body_len = body_len;
     return 0;
+}
+
+char *http_metrics(int port) {
+    http_resp r;
+    if (http_do(port, "GET", "/metrics", NULL, NULL, &r) != 0) return NULL;
+    char *b = r.body;
+    r.body = NULL;
+    http_resp_free(&r);
+    return b;
+}
+
+double metrics_sample(const char *text, const char *series) {
+    size_t n = strlen(series);
+    for (const char *p = text; p && *p;) {
+        if (!strncmp(p, series, n) && p[n] == ' ') return strtod(p + n + 1, NULL);
+        p = strchr(p, '\n');
+        if (p) p++;
+    }
+    return NAN;
 }
 
 void http_resp_free(http_resp *r) {

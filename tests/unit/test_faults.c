@@ -95,33 +95,14 @@ static void copy_model(char *path, size_t cap, size_t bytes) {
     close(out);
 }
 
-static char *scrape(int port) {
-    http_resp r;
-    if (http_do(port, "GET", "/metrics", NULL, NULL, &r) != 0) return NULL;
-    char *b = r.body;
-    r.body = NULL;
-    http_resp_free(&r);
-    return b;
-}
-
-static double sample(const char *text, const char *series) {
-    size_t n = strlen(series);
-    for (const char *p = text; p && *p;) {
-        if (!strncmp(p, series, n) && p[n] == ' ') return strtod(p + n + 1, NULL);
-        p = strchr(p, '\n');
-        if (p) p++;
-    }
-    return -1;
-}
-
 /* Waits (up to limit_s) until no request runs or waits and the KV cache is
  * empty. */
 static bool wait_idle(int port, double limit_s) {
     for (double t0 = now_s(); now_s() - t0 < limit_s; usleep(50 * 1000)) {
-        char *m = scrape(port);
+        char *m = http_metrics(port);
         if (!m) continue;
-        bool idle = sample(m, "saserve_num_requests_running") == 0 && sample(m, "saserve_num_requests_waiting") == 0 &&
-                    sample(m, "saserve_kv_cache_usage_ratio") == 0;
+        bool idle = metrics_sample(m, "saserve_num_requests_running") == 0 && metrics_sample(m, "saserve_num_requests_waiting") == 0 &&
+                    metrics_sample(m, "saserve_kv_cache_usage_ratio") == 0;
         free(m);
         if (idle) return true;
     }
@@ -219,9 +200,9 @@ START_TEST(test_kv_pool_committed) {
     srv_proc p;
     const char *args[] = {"--model", BUNDLED, "--kv-cache-bytes", "256M", NULL};
     ck_assert_int_eq(srv_start(&p, args), 0);
-    char *m = scrape(p.port);
+    char *m = http_metrics(p.port);
     ck_assert_ptr_nonnull(m);
-    double kv = sample(m, "saserve_kv_cache_bytes{tensor=\"k\"}") + sample(m, "saserve_kv_cache_bytes{tensor=\"v\"}");
+    double kv = metrics_sample(m, "saserve_kv_cache_bytes{tensor=\"k\"}") + metrics_sample(m, "saserve_kv_cache_bytes{tensor=\"v\"}");
     free(m);
     ck_assert(kv > 200e6);
     char path[64], line[256];
@@ -306,8 +287,8 @@ START_TEST(test_slow_reader) {
     /* Generation of the slow stream ends while most of it is still unsent. */
     bool generated = false;
     for (int i = 0; i < 1200 && !generated; i++) {
-        char *m = scrape(p.port);
-        generated = m && sample(m, "saserve_num_requests_running") == 0;
+        char *m = http_metrics(p.port);
+        generated = m && metrics_sample(m, "saserve_num_requests_running") == 0;
         free(m);
         if (!generated) usleep(100 * 1000);
     }
@@ -358,9 +339,9 @@ START_TEST(test_timeout_frees) {
                   "stream: %.300s", r.body);
     http_resp_free(&r);
     ck_assert(wait_idle(p.port, 5));
-    char *m = scrape(p.port);
-    ck_assert_double_eq(sample(m, "saserve_request_failure_total{reason=\"timeout\"}"), 2);
-    ck_assert_double_eq(sample(m, "saserve_kv_cache_usage_ratio"), 0);
+    char *m = http_metrics(p.port);
+    ck_assert_double_eq(metrics_sample(m, "saserve_request_failure_total{reason=\"timeout\"}"), 2);
+    ck_assert_double_eq(metrics_sample(m, "saserve_kv_cache_usage_ratio"), 0);
     free(m);
     ck_assert_int_eq(srv_stop(&p), 0);
 }
@@ -406,8 +387,8 @@ START_TEST(test_sigterm_under_load) {
     /* All six admitted or queued before the signal. */
     bool busy = false;
     for (int i = 0; i < 100 && !busy; i++) {
-        char *m = scrape(p.port);
-        busy = m && sample(m, "saserve_num_requests_running") + sample(m, "saserve_num_requests_waiting") == N;
+        char *m = http_metrics(p.port);
+        busy = m && metrics_sample(m, "saserve_num_requests_running") + metrics_sample(m, "saserve_num_requests_waiting") == N;
         free(m);
         if (!busy) usleep(20 * 1000);
     }
@@ -452,8 +433,8 @@ START_TEST(test_sigterm_grace_expires) {
     for (int i = 0; i < 2; i++) pthread_create(&th[i], NULL, load_worker, &q[i]);
     bool busy = false; /* both running before the signal */
     for (int i = 0; i < 200 && !busy; i++) {
-        char *m = scrape(p.port);
-        busy = m && sample(m, "saserve_num_requests_running") == 2;
+        char *m = http_metrics(p.port);
+        busy = m && metrics_sample(m, "saserve_num_requests_running") == 2;
         free(m);
         if (!busy) usleep(20 * 1000);
     }

@@ -32,26 +32,6 @@ static void teardown(void) {
     if (srv_ok) srv_stop(&srv);
 }
 
-static char *scrape(int port) {
-    http_resp r;
-    if (http_do(port, "GET", "/metrics", NULL, NULL, &r) != 0) return NULL;
-    char *b = r.body;
-    r.body = NULL;
-    http_resp_free(&r);
-    return b;
-}
-
-/* Value of the sample whose line starts with `series ` (name plus labels). */
-static double sample(const char *text, const char *series) {
-    size_t n = strlen(series);
-    for (const char *p = text; p && *p;) {
-        if (!strncmp(p, series, n) && p[n] == ' ') return strtod(p + n + 1, NULL);
-        p = strchr(p, '\n');
-        if (p) p++;
-    }
-    return NAN;
-}
-
 START_TEST(test_promtool) {
     ck_assert(srv_ok);
     if (system("promtool --version >/dev/null 2>&1") != 0) {
@@ -62,7 +42,7 @@ START_TEST(test_promtool) {
     http_resp r;
     http_do(srv.port, "POST", "/v1/completions", NULL, "{\"prompt\": \"You will be\", \"max_tokens\": 5}", &r);
     http_resp_free(&r);
-    char *m = scrape(srv.port);
+    char *m = http_metrics(srv.port);
     ck_assert_ptr_nonnull(m);
     char path[] = "/tmp/saserve-metrics-XXXXXX";
     int fd = mkstemp(path);
@@ -79,9 +59,9 @@ START_TEST(test_promtool) {
     unlink(out);
     unlink(path);
     /* Histograms: cumulative buckets ending in +Inf equal to _count. */
-    double inf = sample(m, "saserve_e2e_request_latency_seconds_bucket{le=\"+Inf\"}");
+    double inf = metrics_sample(m, "saserve_e2e_request_latency_seconds_bucket{le=\"+Inf\"}");
     ck_assert(inf >= 1);
-    ck_assert(inf == sample(m, "saserve_e2e_request_latency_seconds_count"));
+    ck_assert(inf == metrics_sample(m, "saserve_e2e_request_latency_seconds_count"));
     double prev = 0;
     for (const char *p = strstr(m, "saserve_e2e_request_latency_seconds_bucket"); p;
          p = strstr(p + 1, "saserve_e2e_request_latency_seconds_bucket")) {
@@ -95,24 +75,24 @@ END_TEST
 
 START_TEST(test_shared_attention_gauges) {
     ck_assert(srv_ok);
-    char *m = scrape(srv.port);
+    char *m = http_metrics(srv.port);
     ck_assert_ptr_nonnull(m);
     /* sa-tiny-sa: layers 4-11 share layer 3's attention. */
     for (int l = 0; l < 12; l++) {
         char s[96];
         snprintf(s, sizeof s, "saserve_shared_attention_layer_source{layer=\"%d\"}", l);
-        ck_assert_msg(sample(m, s) == (l < 4 ? l : 3), "layer %d source %g", l, sample(m, s));
+        ck_assert_msg(metrics_sample(m, s) == (l < 4 ? l : 3), "layer %d source %g", l, metrics_sample(m, s));
     }
-    double k = sample(m, "saserve_kv_cache_bytes{tensor=\"k\"}");
-    double v = sample(m, "saserve_kv_cache_bytes{tensor=\"v\"}");
-    double saved = sample(m, "saserve_kv_cache_saved_bytes");
+    double k = metrics_sample(m, "saserve_kv_cache_bytes{tensor=\"k\"}");
+    double v = metrics_sample(m, "saserve_kv_cache_bytes{tensor=\"v\"}");
+    double saved = metrics_sample(m, "saserve_kv_cache_saved_bytes");
     /* V planes exist for all 12 layers, K for 4: the 8 missing K planes
      * are what was saved, and each plane is V/12. */
     ck_assert(v > 0);
     ck_assert_double_eq_tol(k, v * 4 / 12, 1);
     ck_assert_double_eq_tol(saved, v * 8 / 12, 1);
     /* 2 KV heads x 64 dims x f16 = 256 bytes per plane and token: 16 planes. */
-    ck_assert_double_eq(sample(m, "saserve_kv_cache_bytes_per_token"), 16 * 256);
+    ck_assert_double_eq(metrics_sample(m, "saserve_kv_cache_bytes_per_token"), 16 * 256);
     ck_assert_ptr_nonnull(strstr(m, "saserve_model_info{model=\"sa-tiny-sa-q8_0\",arch=\"llama\""));
     ck_assert_ptr_nonnull(strstr(m, "shared_layers=\"4-11\"} 1\n"));
     free(m);
@@ -122,10 +102,10 @@ END_TEST
 /* Counters agree with the usage the API returned. */
 START_TEST(test_counters_follow_usage) {
     ck_assert(srv_ok);
-    char *before = scrape(srv.port);
-    double p0 = sample(before, "saserve_prompt_tokens_total"), g0 = sample(before, "saserve_generation_tokens_total");
-    double ok0 = sample(before, "saserve_request_success_total{finished_reason=\"length\"}");
-    double bad0 = sample(before, "saserve_request_failure_total{reason=\"bad_request\"}");
+    char *before = http_metrics(srv.port);
+    double p0 = metrics_sample(before, "saserve_prompt_tokens_total"), g0 = metrics_sample(before, "saserve_generation_tokens_total");
+    double ok0 = metrics_sample(before, "saserve_request_success_total{finished_reason=\"length\"}");
+    double bad0 = metrics_sample(before, "saserve_request_failure_total{reason=\"bad_request\"}");
     free(before);
     int prompt = 0, gen = 0;
     for (int i = 0; i < 3; i++) {
@@ -143,11 +123,11 @@ START_TEST(test_counters_follow_usage) {
     http_resp r;
     http_do(srv.port, "POST", "/v1/completions", NULL, "{\"prompt\": 1}", &r);
     http_resp_free(&r);
-    char *after = scrape(srv.port);
-    ck_assert_double_eq(sample(after, "saserve_prompt_tokens_total") - p0, prompt);
-    ck_assert_double_eq(sample(after, "saserve_generation_tokens_total") - g0, gen);
-    ck_assert_double_eq(sample(after, "saserve_request_success_total{finished_reason=\"length\"}") - ok0, 3);
-    ck_assert_double_eq(sample(after, "saserve_request_failure_total{reason=\"bad_request\"}") - bad0, 1);
+    char *after = http_metrics(srv.port);
+    ck_assert_double_eq(metrics_sample(after, "saserve_prompt_tokens_total") - p0, prompt);
+    ck_assert_double_eq(metrics_sample(after, "saserve_generation_tokens_total") - g0, gen);
+    ck_assert_double_eq(metrics_sample(after, "saserve_request_success_total{finished_reason=\"length\"}") - ok0, 3);
+    ck_assert_double_eq(metrics_sample(after, "saserve_request_failure_total{reason=\"bad_request\"}") - bad0, 1);
     free(after);
 }
 END_TEST
@@ -157,10 +137,10 @@ END_TEST
  * to be missing from saserve_request_success_total and the prompt tokens). */
 START_TEST(test_every_request_counted) {
     ck_assert(srv_ok);
-    char *before = scrape(srv.port);
-    double p0 = sample(before, "saserve_prompt_tokens_total");
-    double ok0 = sample(before, "saserve_request_success_total{finished_reason=\"length\"}") +
-                 sample(before, "saserve_request_success_total{finished_reason=\"stop\"}");
+    char *before = http_metrics(srv.port);
+    double p0 = metrics_sample(before, "saserve_prompt_tokens_total");
+    double ok0 = metrics_sample(before, "saserve_request_success_total{finished_reason=\"length\"}") +
+                 metrics_sample(before, "saserve_request_success_total{finished_reason=\"stop\"}");
     free(before);
     static const char *const bodies[] = {
         "{\"prompt\": \"The kernel provides\", \"max_tokens\": 0, \"echo\": true}",
@@ -180,11 +160,11 @@ START_TEST(test_every_request_counted) {
         http_resp_free(&r);
     }
     ck_assert_int_eq(choices, 1 + 2 + 2 + 2);
-    char *after = scrape(srv.port);
-    double ok1 = sample(after, "saserve_request_success_total{finished_reason=\"length\"}") +
-                 sample(after, "saserve_request_success_total{finished_reason=\"stop\"}");
+    char *after = http_metrics(srv.port);
+    double ok1 = metrics_sample(after, "saserve_request_success_total{finished_reason=\"length\"}") +
+                 metrics_sample(after, "saserve_request_success_total{finished_reason=\"stop\"}");
     ck_assert_double_eq(ok1 - ok0, choices);
-    ck_assert_double_eq(sample(after, "saserve_prompt_tokens_total") - p0, prompt);
+    ck_assert_double_eq(metrics_sample(after, "saserve_prompt_tokens_total") - p0, prompt);
     free(after);
 }
 END_TEST
@@ -214,9 +194,9 @@ START_TEST(test_gauges_move) {
     double running = 0, usage = 0, max_usage = 0;
     for (int i = 0; i < 200; i++) {
         usleep(50 * 1000);
-        char *m = scrape(srv.port);
-        running = sample(m, "saserve_num_requests_running");
-        usage = sample(m, "saserve_kv_cache_usage_ratio");
+        char *m = http_metrics(srv.port);
+        running = metrics_sample(m, "saserve_num_requests_running");
+        usage = metrics_sample(m, "saserve_kv_cache_usage_ratio");
         free(m);
         if (usage > max_usage) max_usage = usage;
         if (running == 1 && usage > 0.05) break; /* 8 MiB holds 2048 tokens: 1000 is ~0.5 */
@@ -226,9 +206,9 @@ START_TEST(test_gauges_move) {
     pthread_join(th, NULL);
     ck_assert_int_eq(b.status, 200);
     usleep(100 * 1000);
-    char *m = scrape(srv.port);
-    ck_assert_double_eq(sample(m, "saserve_num_requests_running"), 0);
-    ck_assert_double_eq(sample(m, "saserve_kv_cache_usage_ratio"), 0);
+    char *m = http_metrics(srv.port);
+    ck_assert_double_eq(metrics_sample(m, "saserve_num_requests_running"), 0);
+    ck_assert_double_eq(metrics_sample(m, "saserve_kv_cache_usage_ratio"), 0);
     free(m);
 }
 END_TEST
